@@ -1,0 +1,1 @@
+"""What scores items: retrieval sources, the serving funnel, and (later) learned models."""

@@ -1,0 +1,79 @@
+"""A user's recent interaction history, kept per user on the user's partition.
+
+Pure data + rules, stored as a plain dict in a Faust table.  The serving
+funnel reads it to find seeds (recent positives) and to exclude what the user
+has already seen or rejected.
+
+>>> h = UserHistory()
+>>> h.apply("i1", "like", 100.0, "a1")
+>>> h.apply("i2", "report", 101.0, "a2")
+>>> h.positive_seeds(now=102.0), sorted(h.excluded())
+(['i1'], ['i1', 'i2'])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from schemas.events import NEGATIVE_TYPES, POSITIVE_TYPES
+
+MAX_POSITIVES = 50
+MAX_SEEN = 500
+MAX_NEGATIVES = 200
+#: Seeds older than this no longer speak for the user's current taste.
+SEED_WINDOW_S = 7 * 86400.0
+
+
+@dataclass
+class UserHistory:
+    #: [item, ts, author] of recent positive engagements, oldest first.
+    positives: list = field(default_factory=list)
+    #: Items the user has been shown or engaged with, oldest first.
+    seen: list = field(default_factory=list)
+    #: Items the user said see_less or report on.
+    negatives: list = field(default_factory=list)
+    follows: dict = field(default_factory=dict)
+    events: int = 0
+
+    def apply(self, item: str, event_type: str, ts: float, author: Optional[str] = None) -> None:
+        self.events += 1
+        _append_bounded(self.seen, item, MAX_SEEN)
+        if event_type in POSITIVE_TYPES:
+            self.positives = [p for p in self.positives if p[0] != item]
+            self.positives.append([item, ts, author])
+            del self.positives[:-MAX_POSITIVES]
+        elif event_type in NEGATIVE_TYPES:
+            _append_bounded(self.negatives, item, MAX_NEGATIVES)
+            self.positives = [p for p in self.positives if p[0] != item]
+        if event_type == "follow" and author is not None:
+            self.follows[author] = ts
+
+    def positive_seeds(self, now: float, limit: int = 10) -> list[str]:
+        """Most recent positive items inside the seed window, newest first."""
+        fresh = [p[0] for p in reversed(self.positives) if now - p[1] <= SEED_WINDOW_S]
+        return fresh[:limit]
+
+    def recent_positive_items(self, limit: int) -> list[str]:
+        return [p[0] for p in self.positives[-limit:]]
+
+    def excluded(self) -> set[str]:
+        return set(self.seen) | set(self.negatives)
+
+    def to_dict(self) -> dict:
+        return {"pos": self.positives, "seen": self.seen, "neg": self.negatives,
+                "follows": self.follows, "n": self.events}
+
+    @classmethod
+    def from_dict(cls, d: Optional[dict]) -> "UserHistory":
+        if not d:
+            return cls()
+        return cls(positives=list(d.get("pos", [])), seen=list(d.get("seen", [])),
+                   negatives=list(d.get("neg", [])), follows=dict(d.get("follows", {})),
+                   events=int(d.get("n", 0)))
+
+
+def _append_bounded(items: list, item: str, bound: int) -> None:
+    if item in items:
+        items.remove(item)
+    items.append(item)
+    del items[:-bound]

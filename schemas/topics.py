@@ -1,0 +1,82 @@
+"""The topic catalogue: every topic the system uses, in one place.
+
+Topics are created from this list by ``streamrec topics create`` (never by
+broker auto-create), so partition counts, keys and retention are deliberate.
+Faust needs a table's changelog to have as many partitions as the topic that
+feeds the table, so changelogs are listed here too.
+
+>>> [t.name for t in catalogue(partitions=2)][:3]
+['events', 'events.dlq', 'rec.requests']
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+EVENTS = "events"
+EVENTS_DLQ = "events.dlq"
+REQUESTS = "rec.requests"
+REPLIES = "rec.replies"
+ITEM_DELTAS = "item.deltas"
+TRENDING_SNAPSHOTS = "trending.snapshots"
+ITEM_NEIGHBOURS = "item.neighbours"
+
+HOUR_MS = 3600 * 1000
+DAY_MS = 24 * HOUR_MS
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    key: str
+    value: str
+    retention_ms: Optional[int] = None
+    compact: bool = False
+
+    def config(self) -> dict[str, str]:
+        if self.compact:
+            return {"cleanup.policy": "compact"}
+        conf = {"cleanup.policy": "delete"}
+        if self.retention_ms is not None:
+            conf["retention.ms"] = str(self.retention_ms)
+        return conf
+
+
+def changelog_name(app_id: str, table: str) -> str:
+    """Faust's name for a table's changelog topic."""
+    return f"{app_id}-{table}-changelog"
+
+
+def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]:
+    """All topics for a deployment whose keyed topics have ``partitions`` partitions."""
+    p = partitions
+    return [
+        TopicSpec(EVENTS, p, "user_id", "EngagementEvent | [EngagementEvent] (JSON)", 7 * DAY_MS),
+        TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS),
+        TopicSpec(REQUESTS, p, "user_id", "RecommendationRequest (JSON)", HOUR_MS),
+        TopicSpec(REPLIES, p, "request_id", "RecommendationReply (JSON)", HOUR_MS),
+        TopicSpec(ITEM_DELTAS, p, "item_id", "item delta (JSON): trending weights, co-engagement",
+                  DAY_MS),
+        TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
+                  compact=True),
+        TopicSpec(ITEM_NEIGHBOURS, p, "item_id", "top co-engaged neighbours (JSON)", compact=True),
+        TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
+                  compact=True),
+        TopicSpec(changelog_name(app_id, "item_stats"), p, "item_id", "item stats (JSON)",
+                  compact=True),
+    ]
+
+
+def partition_for(key: str, partitions: int) -> int:
+    """The partition Kafka's default (murmur2) partitioner gives ``key``.
+
+    Producers must use the same partitioner (confluent-kafka:
+    ``partitioner=murmur2_random``) so a user's events and requests meet on one
+    partition; the worker re-routes anything that arrives elsewhere.
+
+    >>> partition_for("42", 4) == partition_for("42", 4)
+    True
+    """
+    from aiokafka.partitioner import murmur2
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions

@@ -1,0 +1,38 @@
+"""The worker: one Faust app, assembled here.
+
+Run with ``streamrec worker`` or ``faust -A streams.app worker -l info``.
+Topics must exist first (``streamrec topics create``): the app never declares
+topics itself, so the catalogue in :mod:`schemas.topics` is the only source
+of partition counts and retention.
+"""
+from __future__ import annotations
+
+from schemas import codec
+from streams.settings import settings
+from streams.tuning import StreamrecApp
+
+codec.register()
+
+app = StreamrecApp(
+    settings.app_id,
+    broker=f"kafka://{settings.bootstrap}",
+    store="rocksdb://",
+    datadir=str(settings.data_dir),
+    web_port=settings.web_port,
+    topic_partitions=settings.partitions,
+    topic_allow_declare=False,
+    topic_disable_leader=True,
+    key_serializer="raw",
+    value_serializer="raw",
+    consumer_auto_offset_reset="earliest",
+    # Replies must not wait for a batch to fill.
+    producer_linger=0.0,
+    # With stream_wait_empty=True, stopping after serving requests can hang.
+    stream_wait_empty=False,
+    fetch_wait_ms=settings.fetch_wait_ms,
+)
+
+# Agents, tables and pages register themselves on import.
+from streams import ingest, item_stats, serving, web  # noqa: E402,F401
+
+main = app.main

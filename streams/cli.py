@@ -1,0 +1,190 @@
+"""``streamrec``: the command line for the broker, topics, worker, clients and demo."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+def _settings():
+    from streams.settings import settings
+    return settings
+
+
+def cmd_broker(args) -> int:
+    from streams import broker
+    if args.action == "start":
+        info = broker.start(wipe=args.wipe)
+        print(json.dumps(info if isinstance(info, dict) else getattr(info, "__dict__", str(info)),
+                         default=str))
+    elif args.action == "stop":
+        broker.stop(wipe=args.wipe)
+    elif args.action == "status":
+        print(json.dumps(broker.status(), default=str, indent=2))
+    elif args.action == "logs":
+        print(broker.logs(args.lines))
+    return 0
+
+
+def cmd_topics(args) -> int:
+    from schemas.topics import catalogue
+    from streams.admin import create_topics
+    s = _settings()
+    specs = catalogue(s.partitions, s.app_id)
+    if args.action == "create":
+        print(json.dumps(create_topics(args.bootstrap or s.bootstrap, specs)))
+    else:
+        for t in specs:
+            policy = "compact" if t.compact else f"retention {t.retention_ms} ms"
+            print(f"{t.name:34s} partitions={t.partitions:<3d} key={t.key:18s} {policy}  {t.value}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from streams.app import app
+    sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]
+    app.main()
+    return 0
+
+
+def cmd_produce(args) -> int:
+    import orjson
+    from schemas.events import SchemaError
+    from streams.producer import EventProducer
+    stream = open(args.file, "rb") if args.file and args.file != "-" else sys.stdin.buffer
+    sent = skipped = 0
+    with EventProducer(args.bootstrap or _settings().bootstrap) as producer:
+        for lineno, line in enumerate(stream, 1):
+            line = line.strip()
+            if not line:
+                continue
+            key = None
+            try:
+                record = orjson.loads(line)
+                if isinstance(record, dict) and record.get("user_id") is not None:
+                    key = str(record["user_id"]).encode()
+            except orjson.JSONDecodeError as exc:
+                if args.strict:
+                    raise SchemaError(f"line {lineno}: not valid JSON: {exc}") from None
+                print(f"line {lineno}: not valid JSON, sent anyway for the dead-letter topic",
+                      file=sys.stderr)
+                skipped += 1
+            producer.send_raw(key, line)
+            sent += 1
+    print(json.dumps({"sent": sent, "invalid_json": skipped}))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    from streams.producer import EventProducer, check_broker
+    from streams.replay import find_dataset, load_authors, load_ratings, replay, to_events
+    bootstrap = args.bootstrap or _settings().bootstrap
+    check_broker(bootstrap)
+    path = find_dataset(args.dataset)
+    ratings = load_ratings(path)
+    if args.limit:
+        ratings = ratings[:args.limit]
+    events = list(to_events(ratings, load_authors(path), end_at=time.time(),
+                            time_scale=args.time_scale))
+    with EventProducer(bootstrap) as producer:
+        summary = replay(producer, events, speed=args.speed, progress=not args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def print_reply(reply) -> None:
+    tag = f"fallback: {reply.fallback_reason}" if reply.fallback else "funnel"
+    print(f"user {reply.user_id} on {reply.surface}: {len(reply.items)} items "
+          f"({tag}, server {reply.server_latency_ms:.1f} ms, stages {reply.stage_counts})")
+    for rank, item in enumerate(reply.items, 1):
+        print(f"  {rank:2d}. item {item.item_id:>6s}  score {item.score:7.3f}  "
+              f"author {item.author_id or '-':18s} via {', '.join(item.sources)}")
+
+
+def cmd_recommend(args) -> int:
+    from streams.client import RecommendationClient
+    with RecommendationClient(args.bootstrap or _settings().bootstrap) as client:
+        t0 = time.perf_counter()
+        reply = client.recommend(args.user, args.surface, args.k, timeout=args.timeout)
+        rtt = (time.perf_counter() - t0) * 1000
+    if args.json:
+        print(json.dumps(reply.to_dict()))
+    else:
+        print_reply(reply)
+        print(f"round trip {rtt:.1f} ms")
+    return 0 if not reply.error else 1
+
+
+def cmd_demo(args) -> int:
+    from streams.demo import run_demo
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="streamrec", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("broker", help="run a local Apache Kafka broker (KRaft)")
+    b.add_argument("action", choices=["start", "stop", "status", "logs"])
+    b.add_argument("--wipe", action="store_true", help="start/stop with an empty data dir")
+    b.add_argument("-n", "--lines", type=int, default=50)
+    b.set_defaults(func=cmd_broker)
+
+    t = sub.add_parser("topics", help="create or list the catalogue's topics")
+    t.add_argument("action", choices=["create", "list"])
+    t.add_argument("--bootstrap")
+    t.set_defaults(func=cmd_topics)
+
+    w = sub.add_parser("worker", help="run the Faust worker")
+    w.add_argument("-l", "--loglevel", default="info")
+    w.set_defaults(func=cmd_worker)
+
+    pr = sub.add_parser("produce", help="send JSON lines (a file or stdin) as events")
+    pr.add_argument("file", nargs="?", default="-")
+    pr.add_argument("--bootstrap")
+    pr.add_argument("--strict", action="store_true", help="stop at the first non-JSON line")
+    pr.set_defaults(func=cmd_produce)
+
+    r = sub.add_parser("replay", help="replay MovieLens-100k as time-ordered events")
+    r.add_argument("--dataset", help="folder with u.data (default ../shared/datasets/movielens-100k)")
+    r.add_argument("--limit", type=int, default=0, help="only the first N ratings in time order")
+    r.add_argument("--speed", type=float, default=0.0,
+                   help="pace by event time x SPEED; 0 = as fast as possible")
+    r.add_argument("--time-scale", type=float, default=5000.0,
+                   help="divide the dataset's time gaps by this (5000: 7 months -> ~1 hour)")
+    r.add_argument("--bootstrap")
+    r.add_argument("-q", "--quiet", action="store_true")
+    r.set_defaults(func=cmd_replay)
+
+    rc = sub.add_parser("recommend", help="ask for recommendations and print the reply")
+    rc.add_argument("--user", required=True)
+    rc.add_argument("--surface", default="explore")
+    rc.add_argument("-k", type=int, default=10)
+    rc.add_argument("--timeout", type=float, default=2.0, help="seconds")
+    rc.add_argument("--json", action="store_true")
+    rc.add_argument("--bootstrap")
+    rc.set_defaults(func=cmd_recommend)
+
+    d = sub.add_parser("demo", help="broker + topics + worker + replay + sample recommendations")
+    d.add_argument("--limit", type=int, default=0, help="ratings to replay (0 = all 100k)")
+    d.add_argument("--users", default="1,42,500", help="users to show recommendations for")
+    d.add_argument("--exit", action="store_true", help="stop everything at the end")
+    d.add_argument("--dataset")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ConnectionError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        print(f"streamrec {args.command}: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

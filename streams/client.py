@@ -1,0 +1,102 @@
+"""Ask for recommendations over the request/reply topics and wait for the answer.
+
+Each client picks one partition of ``rec.replies``, names it in its requests'
+``reply_partition``, and reads only that partition, from its end, with no
+consumer group (no rebalances, no offsets to commit).  Replies are matched to
+waiting callers by ``request_id`` (a UUID), so clients sharing a partition
+never see each other's answers.
+
+>>> with RecommendationClient("127.0.0.1:9092") as c:      # doctest: +SKIP
+...     reply = c.recommend("42", "explore", k=10, timeout=1.0)
+"""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from typing import Optional, Sequence
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from schemas.requests import RecommendationReply, RecommendationRequest, decode_reply
+from schemas.topics import REPLIES, REQUESTS
+
+
+class RecommendationTimeout(TimeoutError):
+    pass
+
+
+class RecommendationClient:
+    def __init__(self, bootstrap: str, *, reply_partition: Optional[int] = None,
+                 fetch_wait_ms: int = 2):
+        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
+                                   "partitioner": "murmur2_random", "acks": 1})
+        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-client",
+                                   "enable.auto.commit": False,
+                                   "fetch.wait.max.ms": fetch_wait_ms})
+        partitions = self._consumer.list_topics(REPLIES, timeout=10).topics[REPLIES].partitions
+        if not partitions:
+            raise RuntimeError(f"topic {REPLIES!r} does not exist: run 'streamrec topics create'")
+        self.reply_partition = (reply_partition if reply_partition is not None
+                                else random.choice(sorted(partitions)))
+        tp = TopicPartition(REPLIES, self.reply_partition)
+        # Start at the current end, resolved now, so no reply sent after this is missed.
+        tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[1]
+        self._consumer.assign([tp])
+        self._waiting: dict[str, list] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read_replies, daemon=True,
+                                        name="reply-reader")
+        self._thread.start()
+
+    def _read_replies(self) -> None:
+        while not self._stop.is_set():
+            for msg in self._consumer.consume(100, timeout=0.05):
+                if msg.error() or msg.value() is None:
+                    continue
+                request_id = (msg.key() or b"").decode()
+                with self._lock:
+                    slot = self._waiting.get(request_id)
+                if slot is not None:
+                    slot[1] = msg.value()
+                    slot[0].set()
+
+    def request(self, req: RecommendationRequest, timeout: float) -> RecommendationReply:
+        slot = [threading.Event(), None]
+        with self._lock:
+            self._waiting[req.request_id] = slot
+        try:
+            self._producer.produce(REQUESTS, key=req.user_id.encode(), value=req.to_json())
+            self._producer.poll(0)
+            if not slot[0].wait(timeout):
+                raise RecommendationTimeout(
+                    f"no reply to request {req.request_id} within {timeout * 1000:.0f} ms")
+            return decode_reply(slot[1])
+        finally:
+            with self._lock:
+                self._waiting.pop(req.request_id, None)
+
+    def recommend(self, user_id, surface: str = "explore", k: int = 10, *,
+                  timeout: float = 1.0, exclude: Sequence[str] = (),
+                  context: Optional[dict] = None) -> RecommendationReply:
+        """Send a request whose deadline is ``timeout`` from now and wait for its reply."""
+        now = time.time()
+        req = RecommendationRequest(
+            request_id=uuid.uuid4().hex, user_id=str(user_id), surface=surface, k=k,
+            deadline=now + timeout, exclude=tuple(str(x) for x in exclude),
+            context=context or {}, reply_partition=self.reply_partition, sent_at=now)
+        return self.request(req, timeout)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._producer.flush(5)
+        self._consumer.close()
+
+    def __enter__(self) -> "RecommendationClient":
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.close()

@@ -1,0 +1,100 @@
+"""Ingest: validate events, keep per-user history, emit item-side deltas.
+
+Events arrive keyed by user id.  Each batch is validated (bad messages go to
+the dead-letter topic with the reason), re-routed if an event landed on the
+wrong partition for its user, folded into ``user_history`` with one table
+write per user, and turned into per-item deltas (trending weight,
+co-engagement) sent to ``item.deltas`` keyed by item, where
+:mod:`streams.item_stats` owns them.
+"""
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from models.coengagement import coengagement_pairs
+from models.history import UserHistory
+from models.trending import event_weight, merge_score
+from schemas.deadletter import dead_letter
+from schemas.events import POSITIVE_TYPES, SchemaError, parse_events
+from schemas.topics import EVENTS, EVENTS_DLQ, ITEM_DELTAS, partition_for
+from streams import metrics
+from streams.app import app
+from streams.context import use_event
+from streams.settings import settings
+
+events_topic = app.topic(EVENTS)
+dlq_topic = app.topic(EVENTS_DLQ)
+item_deltas_topic = app.topic(ITEM_DELTAS)
+user_history = app.Table("user_history", default=None, partitions=settings.partitions)
+
+#: How many of a user's recent positives pair with a new one for co-engagement.
+COENGAGEMENT_LOOKBACK = 10
+
+
+@app.agent(events_topic)
+async def ingest(stream):
+    async for batch in stream.take_events(settings.ingest_batch, within=settings.ingest_within_s):
+        await ingest_batch(batch)
+
+
+async def ingest_batch(batch) -> None:
+    now = time.time()
+    by_user: dict[str, tuple] = {}
+    for event in batch:
+        msg = event.message
+        try:
+            parsed = parse_events(event.value, now=now)
+        except SchemaError as exc:
+            await send_dead_letter(event.value, str(exc), msg)
+            continue
+        for index, ev in parsed:
+            if isinstance(ev, SchemaError):
+                await send_dead_letter(event.value, str(ev), msg, index=index)
+                continue
+            expected = partition_for(ev.user_id, settings.partitions)
+            if expected != msg.partition:
+                # Produced with another partitioner or key: send it where its user lives.
+                await events_topic.send(key=ev.user_id.encode(), value=ev.to_json(),
+                                        partition=expected)
+                metrics.counters["events_rerouted"] += 1
+                continue
+            by_user.setdefault(ev.user_id, (event, []))[1].append(ev)
+    deltas: dict[str, dict] = {}
+    for user, (event, evs) in by_user.items():
+        use_event(event)
+        history = UserHistory.from_dict(user_history.get(user))
+        for ev in sorted(evs, key=lambda e: e.ts):
+            add_item_deltas(deltas, history, ev)
+            history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
+        user_history[user] = history.to_dict()
+        metrics.counters["events_ingested"] += len(evs)
+    for item, delta in deltas.items():
+        await item_deltas_topic.send(key=item.encode(), value=orjson.dumps(delta))
+    metrics.counters["item_deltas_sent"] += len(deltas)
+
+
+def add_item_deltas(deltas: dict, history: UserHistory, ev) -> None:
+    """Fold one event into the batch's per-item deltas (pure; see tests)."""
+    d = deltas.setdefault(ev.item_id, {"author": ev.author_id, "trend": {}, "co": {}})
+    if ev.author_id is not None:
+        d["author"] = ev.author_id
+    d["trend"][ev.surface] = merge_score(d["trend"].get(ev.surface),
+                                         event_weight(ev.event_type, ev.dwell_ms), ev.ts,
+                                         settings.trending_half_life_s)
+    if ev.event_type in POSITIVE_TYPES:
+        recent = history.positives[-COENGAGEMENT_LOOKBACK:]
+        authors = {p[0]: p[2] for p in recent}
+        for src, dst, w in coengagement_pairs([p[0] for p in recent], ev.item_id):
+            dd = deltas.setdefault(src, {"author": None, "trend": {}, "co": {}})
+            dst_author = ev.author_id if dst == ev.item_id else authors.get(dst)
+            prev = dd["co"].get(dst)
+            dd["co"][dst] = [(prev[0] if prev else 0.0) + w, dst_author]
+
+
+async def send_dead_letter(raw, reason: str, msg, index=None) -> None:
+    metrics.counters["dead_letters"] += 1
+    record = dead_letter(raw, reason, msg.topic, msg.partition, msg.offset, index=index,
+                         key=msg.key)
+    await dlq_topic.send(key=msg.key, value=orjson.dumps(record))

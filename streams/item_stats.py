@@ -1,0 +1,121 @@
+"""Item-side state, owned by the item's partition and shared with every worker.
+
+Consumes ``item.deltas`` (keyed by item), keeps each item's trending scores
+and co-engagement neighbours in the ``item_stats`` table, and publishes the
+compact results every worker needs: per-partition trending snapshots to
+``trending.snapshots`` and each item's top neighbours to ``item.neighbours``.
+"""
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from models.coengagement import add_neighbours
+from models.trending import TrendingBoard, merge_score
+from schemas.topics import ITEM_DELTAS, ITEM_NEIGHBOURS, TRENDING_SNAPSHOTS
+from streams import metrics
+from streams.app import app
+from streams.context import use_event
+from streams.settings import settings
+from streams.view import view
+
+item_deltas_topic = app.topic(ITEM_DELTAS)
+trending_topic = app.topic(TRENDING_SNAPSHOTS)
+neighbours_topic = app.topic(ITEM_NEIGHBOURS)
+item_stats = app.Table("item_stats", default=None, partitions=settings.partitions)
+
+SNAPSHOT_SIZE = 500
+#: (surface, partition) -> board; in memory, re-seeded from the last snapshot.
+boards: dict[tuple[str, int], TrendingBoard] = {}
+_dirty: set[tuple[str, int]] = set()
+_last_publish = 0.0
+
+
+def board_for(surface: str, partition: int) -> TrendingBoard:
+    key = (surface, partition)
+    board = boards.get(key)
+    if board is None:
+        board = boards[key] = TrendingBoard(settings.trending_half_life_s)
+        last = view.trending_snapshot(f"{surface}/{partition}")
+        for item, score, author in (last or {}).get("items", []):
+            board.set(item, [score, last["ts"]], author)
+    return board
+
+
+def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict, bool]:
+    """Merge one item delta into the item's stored stats; says if neighbours changed."""
+    stats = stats or {"author": None, "trend": {}, "nbrs": {}}
+    if delta.get("author") is not None:
+        stats["author"] = delta["author"]
+    for surface, (score, ts) in delta.get("trend", {}).items():
+        old = stats["trend"].get(surface)
+        if old is None:
+            stats["trend"][surface] = [score, ts]
+        else:
+            stats["trend"][surface] = merge_score(old, score, ts, half_life)
+    co = delta.get("co") or {}
+    if co:
+        weights = {k: v[0] for k, v in stats["nbrs"].items()}
+        authors = {k: v[1] for k, v in stats["nbrs"].items()}
+        for other, (_, author) in co.items():
+            if author is not None or other not in authors:
+                authors[other] = author
+        kept = add_neighbours(weights, {k: v[0] for k, v in co.items()})
+        stats["nbrs"] = {k: [w, authors.get(k)] for k, w in kept.items()}
+    return stats, bool(co)
+
+
+@app.agent(item_deltas_topic)
+async def item_stats_agent(stream):
+    async for batch in stream.take_events(2000, within=0.05):
+        await apply_batch(batch)
+
+
+async def apply_batch(batch) -> None:
+    global _last_publish
+    merged: dict[str, list] = {}
+    for event in batch:
+        merged.setdefault(event.key.decode(), []).append(event)
+    for item, events in merged.items():
+        use_event(events[-1])
+        partition = events[-1].message.partition
+        stats = item_stats.get(item)
+        nbrs_changed = False
+        for event in events:
+            stats, changed = apply_delta(stats, orjson.loads(event.value),
+                                         settings.trending_half_life_s)
+            nbrs_changed |= changed
+            for surface in orjson.loads(event.value).get("trend", {}):
+                board_for(surface, partition).set(item, stats["trend"][surface], stats["author"])
+                _dirty.add((surface, partition))
+        item_stats[item] = stats
+        if nbrs_changed:
+            ranked = sorted(stats["nbrs"].items(), key=lambda kv: -kv[1][0])
+            await neighbours_topic.send(
+                key=item.encode(),
+                value=orjson.dumps({"items": [[o, w, a] for o, (w, a) in ranked]}))
+    metrics.counters["item_deltas_applied"] += len(batch)
+    now = time.time()
+    if _dirty and now - _last_publish >= settings.snapshot_interval_s:
+        await publish_snapshots(now)
+        _last_publish = now
+
+
+async def publish_snapshots(now: float) -> None:
+    for surface, partition in sorted(_dirty):
+        snap = boards[(surface, partition)].snapshot(SNAPSHOT_SIZE, now)
+        await trending_topic.send(key=f"{surface}/{partition}".encode(), value=orjson.dumps(snap),
+                                  partition=0)
+    metrics.counters["trending_snapshots"] += len(_dirty)
+    _dirty.clear()
+
+
+@app.timer(1.0)
+async def flush_snapshots():
+    """Publish boards that changed after the last batch's rate-limited publish."""
+    global _last_publish
+    if _dirty:
+        now = time.time()
+        await publish_snapshots(now)
+        _last_publish = now

@@ -1,0 +1,68 @@
+"""Serving: answer recommendation requests on the request/reply topics.
+
+Requests are keyed by user id, so they arrive on the partition that holds the
+user's history; item-side state comes from the shared view.  The funnel itself
+is :func:`models.funnel.recommend`; this agent only decodes, calls it, replies
+and counts.
+"""
+from __future__ import annotations
+
+import time
+
+import orjson
+
+from models.funnel import recommend
+from models.history import UserHistory
+from schemas.deadletter import dead_letter
+from schemas.events import SchemaError, decode_json
+from schemas.requests import RecommendationReply, parse_request
+from schemas.topics import EVENTS_DLQ, REPLIES, REQUESTS, partition_for
+from streams import metrics
+from streams.app import app
+from streams.ingest import user_history
+from streams.settings import settings
+from streams.view import view
+
+requests_topic = app.topic(REQUESTS)
+replies_topic = app.topic(REPLIES)
+dlq_topic = app.topic(EVENTS_DLQ)
+
+
+@app.agent(requests_topic)
+async def serve(stream):
+    async for event in stream.events():
+        await serve_one(event)
+
+
+async def serve_one(event) -> None:
+    msg = event.message
+    received = time.time()
+    record = None
+    try:
+        record = decode_json(event.value)
+        req = parse_request(record)
+    except SchemaError as exc:
+        metrics.counters["bad_requests"] += 1
+        await dlq_topic.send(key=msg.key, value=orjson.dumps(
+            dead_letter(event.value, str(exc), msg.topic, msg.partition, msg.offset, key=msg.key)))
+        request_id = record.get("request_id") if isinstance(record, dict) else None
+        if isinstance(request_id, (str, int)):
+            # The client is waiting: tell it why instead of letting it time out.
+            await replies_topic.send(key=str(request_id).encode(), value=RecommendationReply(
+                request_id=str(request_id), user_id=str(record.get("user_id")),
+                surface=str(record.get("surface")), items=[], model_versions={}, fallback=False,
+                server_latency_ms=0.0, error=str(exc)).to_json())
+        return
+    expected = partition_for(req.user_id, settings.partitions)
+    if expected != msg.partition:
+        await requests_topic.send(key=req.user_id.encode(), value=event.value, partition=expected)
+        metrics.counters["requests_rerouted"] += 1
+        return
+    history = UserHistory.from_dict(user_history.get(req.user_id))
+    reply = recommend(req, history, view)
+    await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
+                             partition=req.reply_partition)
+    metrics.counters["requests_served"] += 1
+    if reply.fallback:
+        metrics.counters["fallbacks"] += 1
+    metrics.observe_latency((time.time() - received) * 1000.0)

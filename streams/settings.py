@@ -1,0 +1,40 @@
+"""Runtime settings, read once from ``STREAMREC_*`` environment variables.
+
+Every value has an embedded default that works on one machine with the broker
+that ``streamrec broker start`` runs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"STREAMREC_{name}", default)
+
+
+def home() -> Path:
+    return Path(_env("HOME", str(Path.home() / ".cache" / "streamrec"))).expanduser()
+
+
+@dataclass(frozen=True)
+class Settings:
+    bootstrap: str = field(default_factory=lambda: _env(
+        "BOOTSTRAP", f"127.0.0.1:{_env('KAFKA_PORT', '9092')}"))
+    app_id: str = field(default_factory=lambda: _env("APP_ID", "streamrec"))
+    partitions: int = field(default_factory=lambda: int(_env("PARTITIONS", "4")))
+    data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(home() / "worker"))))
+    web_port: int = field(default_factory=lambda: int(_env("WEB_PORT", "6066")))
+    #: Consumer fetch wait: low values cut request/reply latency, cost idle CPU.
+    fetch_wait_ms: int = field(default_factory=lambda: int(_env("FETCH_WAIT_MS", "5")))
+    ingest_batch: int = field(default_factory=lambda: int(_env("INGEST_BATCH", "2000")))
+    ingest_within_s: float = field(default_factory=lambda: float(_env("INGEST_WITHIN_S", "0.05")))
+    trending_half_life_s: float = field(
+        default_factory=lambda: float(_env("TRENDING_HALF_LIFE_S", "3600")))
+    #: How often each partition republishes its trending snapshot.
+    snapshot_interval_s: float = field(
+        default_factory=lambda: float(_env("SNAPSHOT_INTERVAL_S", "0.5")))
+
+
+settings = Settings()

@@ -1,0 +1,13 @@
+"""The worker's web pages: counters and latency as JSON at ``/stats/``."""
+from __future__ import annotations
+
+from streams import metrics
+from streams.app import app
+from streams.view import view
+
+
+@app.page("/stats/")
+async def stats(web, request):
+    snap = metrics.snapshot()
+    snap["shared_view"] = {"messages": view.messages, "last_update": view.last_update}
+    return web.json(snap)
