@@ -20,6 +20,8 @@ from schemas.events import NEGATIVE_TYPES, POSITIVE_TYPES
 MAX_POSITIVES = 50
 MAX_SEEN = 500
 MAX_NEGATIVES = 200
+#: Event ids remembered per user to drop redelivered or replayed duplicates.
+MAX_EVENT_IDS = 2000
 #: Seeds older than this no longer speak for the user's current taste.
 SEED_WINDOW_S = 7 * 86400.0
 
@@ -34,6 +36,20 @@ class UserHistory:
     negatives: list = field(default_factory=list)
     follows: dict = field(default_factory=dict)
     events: int = 0
+    #: Recent event ids, oldest first (see :meth:`is_duplicate`).
+    event_ids: list = field(default_factory=list)
+
+    def is_duplicate(self, event_id: str) -> bool:
+        """True if ``event_id`` was applied already; otherwise remember it.
+
+        Kafka delivers at least once and replays repeat themselves; counting an
+        event twice would skew every counter built on it.
+        """
+        if event_id in self.event_ids:
+            return True
+        self.event_ids.append(event_id)
+        del self.event_ids[:-MAX_EVENT_IDS]
+        return False
 
     def apply(self, item: str, event_type: str, ts: float, author: Optional[str] = None) -> None:
         self.events += 1
@@ -61,7 +77,7 @@ class UserHistory:
 
     def to_dict(self) -> dict:
         return {"pos": self.positives, "seen": self.seen, "neg": self.negatives,
-                "follows": self.follows, "n": self.events}
+                "follows": self.follows, "n": self.events, "ids": self.event_ids}
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "UserHistory":
@@ -69,7 +85,7 @@ class UserHistory:
             return cls()
         return cls(positives=list(d.get("pos", [])), seen=list(d.get("seen", [])),
                    negatives=list(d.get("neg", [])), follows=dict(d.get("follows", {})),
-                   events=int(d.get("n", 0)))
+                   events=int(d.get("n", 0)), event_ids=list(d.get("ids", [])))
 
 
 def _append_bounded(items: list, item: str, bound: int) -> None:

@@ -15,6 +15,7 @@ import random
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from typing import Optional, Sequence
 
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -45,6 +46,8 @@ class RecommendationClient:
         tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[1]
         self._consumer.assign([tp])
         self._waiting: dict[str, list] = {}
+        #: request_id -> (future, monotonic deadline), for :meth:`submit`.
+        self._futures: dict[str, tuple[Future, float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_replies, daemon=True,
@@ -52,6 +55,7 @@ class RecommendationClient:
         self._thread.start()
 
     def _read_replies(self) -> None:
+        next_sweep = 0.0
         while not self._stop.is_set():
             for msg in self._consumer.consume(100, timeout=0.05):
                 if msg.error() or msg.value() is None:
@@ -59,9 +63,36 @@ class RecommendationClient:
                 request_id = (msg.key() or b"").decode()
                 with self._lock:
                     slot = self._waiting.get(request_id)
+                    pending = self._futures.pop(request_id, None) if slot is None else None
                 if slot is not None:
                     slot[1] = msg.value()
                     slot[0].set()
+                elif pending is not None:
+                    self._resolve(pending[0], msg.value())
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + 0.01
+                self._expire(now)
+
+    @staticmethod
+    def _resolve(fut: Future, raw: bytes) -> None:
+        try:
+            reply = decode_reply(raw)
+        except Exception as exc:  # a malformed reply fails only its own future
+            fut.set_exception(exc)
+        else:
+            fut.set_result(reply)
+
+    def _expire(self, now: float) -> None:
+        """Fail the futures of :meth:`submit` requests whose timeout has passed."""
+        with self._lock:
+            if not self._futures:
+                return
+            expired = [(rid, entry) for rid, entry in self._futures.items() if entry[1] <= now]
+            for rid, _ in expired:
+                del self._futures[rid]
+        for rid, (fut, _) in expired:
+            fut.set_exception(RecommendationTimeout(f"no reply to request {rid} in time"))
 
     def request(self, req: RecommendationRequest, timeout: float) -> RecommendationReply:
         slot = [threading.Event(), None]
@@ -89,9 +120,46 @@ class RecommendationClient:
             context=context or {}, reply_partition=self.reply_partition, sent_at=now)
         return self.request(req, timeout)
 
+    def submit_request(self, req: RecommendationRequest, timeout: float) -> "Future[RecommendationReply]":
+        """Send ``req`` without waiting; the future resolves to its reply.
+
+        The future fails with :class:`RecommendationTimeout` about ``timeout``
+        seconds after sending (checked every ~10 ms by the reply reader).
+        Callbacks added to it run on the reply-reader thread: keep them short.
+        """
+        fut: Future = Future()
+        fut.set_running_or_notify_cancel()
+        with self._lock:
+            self._futures[req.request_id] = (fut, time.monotonic() + timeout)
+        try:
+            self._producer.produce(REQUESTS, key=req.user_id.encode(), value=req.to_json())
+        except BaseException:
+            with self._lock:
+                self._futures.pop(req.request_id, None)
+            raise
+        self._producer.poll(0)
+        return fut
+
+    def submit(self, user_id, surface: str = "explore", k: int = 10, *,
+               timeout: float = 1.0, exclude: Sequence[str] = (),
+               context: Optional[dict] = None) -> "Future[RecommendationReply]":
+        """Like :meth:`recommend` but non-blocking: returns a
+        :class:`concurrent.futures.Future` for the reply."""
+        now = time.time()
+        req = RecommendationRequest(
+            request_id=uuid.uuid4().hex, user_id=str(user_id), surface=surface, k=k,
+            deadline=now + timeout, exclude=tuple(str(x) for x in exclude),
+            context=context or {}, reply_partition=self.reply_partition, sent_at=now)
+        return self.submit_request(req, timeout)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        with self._lock:
+            pending = list(self._futures.values())
+            self._futures.clear()
+        for fut, _ in pending:
+            fut.set_exception(RecommendationTimeout("client closed before the reply arrived"))
         self._producer.flush(5)
         self._consumer.close()
 

@@ -36,7 +36,16 @@ COENGAGEMENT_LOOKBACK = 10
 @app.agent(events_topic)
 async def ingest(stream):
     async for batch in stream.take_events(settings.ingest_batch, within=settings.ingest_within_s):
-        await ingest_batch(batch)
+        try:
+            await ingest_batch(batch)
+        except Exception as exc:
+            # Input is validated before this point, so this is a bug or an outage:
+            # keep the worker alive and park the batch where it can be replayed
+            # (replaying is safe: duplicates are dropped by event id).
+            metrics.counters["ingest_errors"] += 1
+            app.logger.exception("ingest batch of %d messages failed", len(batch))
+            for event in batch:
+                await send_dead_letter(event.value, f"ingest failed: {exc!r}", event.message)
 
 
 async def ingest_batch(batch) -> None:
@@ -65,11 +74,17 @@ async def ingest_batch(batch) -> None:
     for user, (event, evs) in by_user.items():
         use_event(event)
         history = UserHistory.from_dict(user_history.get(user))
+        fresh = 0
         for ev in sorted(evs, key=lambda e: e.ts):
+            if history.is_duplicate(ev.event_id):
+                metrics.counters["duplicates_dropped"] += 1
+                continue
             add_item_deltas(deltas, history, ev)
             history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
+            fresh += 1
         user_history[user] = history.to_dict()
         metrics.counters["events_ingested"] += len(evs)
+        metrics.counters["events_applied"] += fresh
     for item, delta in deltas.items():
         await item_deltas_topic.send(key=item.encode(), value=orjson.dumps(delta))
     metrics.counters["item_deltas_sent"] += len(deltas)

@@ -69,7 +69,11 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict
 @app.agent(item_deltas_topic)
 async def item_stats_agent(stream):
     async for batch in stream.take_events(2000, within=0.05):
-        await apply_batch(batch)
+        try:
+            await apply_batch(batch)
+        except Exception:
+            metrics.counters["item_stats_errors"] += 1
+            app.logger.exception("item stats batch of %d messages failed", len(batch))
 
 
 async def apply_batch(batch) -> None:

@@ -31,7 +31,12 @@ dlq_topic = app.topic(EVENTS_DLQ)
 @app.agent(requests_topic)
 async def serve(stream):
     async for event in stream.events():
-        await serve_one(event)
+        try:
+            await serve_one(event)
+        except Exception:
+            # One bad request must never stop serving for everyone else.
+            metrics.counters["serve_errors"] += 1
+            app.logger.exception("serving request at offset %s failed", event.message.offset)
 
 
 async def serve_one(event) -> None:
@@ -41,6 +46,9 @@ async def serve_one(event) -> None:
     try:
         record = decode_json(event.value)
         req = parse_request(record)
+        if req.reply_partition is not None and req.reply_partition >= settings.partitions:
+            raise SchemaError(f"'reply_partition' {req.reply_partition} does not exist "
+                              f"({REPLIES} has {settings.partitions} partitions)")
     except SchemaError as exc:
         metrics.counters["bad_requests"] += 1
         await dlq_topic.send(key=msg.key, value=orjson.dumps(
@@ -48,7 +56,11 @@ async def serve_one(event) -> None:
         request_id = record.get("request_id") if isinstance(record, dict) else None
         if isinstance(request_id, (str, int)):
             # The client is waiting: tell it why instead of letting it time out.
-            await replies_topic.send(key=str(request_id).encode(), value=RecommendationReply(
+            partition = record.get("reply_partition")
+            valid = isinstance(partition, int) and 0 <= partition < settings.partitions
+            await replies_topic.send(
+                key=str(request_id).encode(), partition=partition if valid else None,
+                value=RecommendationReply(
                 request_id=str(request_id), user_id=str(record.get("user_id")),
                 surface=str(record.get("surface")), items=[], model_versions={}, fallback=False,
                 server_latency_ms=0.0, error=str(exc)).to_json())

@@ -1,0 +1,213 @@
+"""Ingest throughput: the worker's events/s against a bare Kafka consumer's.
+
+    ~/.cache/streamrec/venv/bin/python bench/ingest.py                 # all 100k ratings
+    ~/.cache/streamrec/venv/bin/python bench/ingest.py --limit 20000 --per-message 20
+
+Steps: start a broker on its own port (wiped), create the catalogue topics,
+pre-load the MovieLens replay into ``events`` (one event per message, or one
+JSON array of up to K events of one user per message with ``--per-message K``),
+read the whole topic with a bare confluent-kafka consumer in a new group
+(the "raw" rate), then start the worker and time until its ``events_ingested``
+counter reaches N (validate + user-history table + item deltas).
+
+Rates are measured from the first message/event seen to the last, so process
+and group start-up are reported apart (``time_to_first_*``).  Prints one JSON
+object on stdout; progress goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (CpuMeter, Harness, add_common_args, cpu_seconds, load_events,  # noqa: E402
+                          log, produce_events, ratio, run)
+
+DEFAULT_PORT = 19492
+
+
+def raw_consume(bootstrap: str, topic: str, messages: int, events: int, *, decode: bool,
+                timeout: float) -> dict:
+    """Read ``messages`` messages of ``topic`` from the beginning in a new consumer group."""
+    import orjson
+    from confluent_kafka import Consumer
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"bench-raw-{uuid.uuid4().hex[:8]}",
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    cpu = CpuMeter(bench=None).start()
+    t_sub = time.monotonic()
+    c.subscribe([topic])
+    n = nbytes = 0
+    t_first = t_last = None
+    deadline = t_sub + timeout
+    try:
+        while n < messages and time.monotonic() < deadline:
+            for msg in c.consume(1000, timeout=0.2):
+                if msg.error():
+                    continue
+                value = msg.value()
+                if decode:
+                    orjson.loads(value)
+                n += 1
+                nbytes += len(value)
+            if n and t_first is None:
+                t_first = time.monotonic()  # end of the first consume() that returned data
+            if n:
+                t_last = time.monotonic()
+    finally:
+        c.close()
+    usage = cpu.stop()
+    span = (t_last - t_first) if t_first and t_last and t_last > t_first else None
+    out = {
+        "messages": n, "bytes": nbytes, "complete": n >= messages,
+        "time_to_first_message_s": round(t_first - t_sub, 3) if t_first else None,
+        "seconds": round(span, 3) if span else None,
+        "total_seconds": round(t_last - t_sub, 3) if t_last else None,
+        # events/s: every message carries its events, whatever --per-message is
+        "events_per_s": round(events * (n / messages) / span, 1) if span and messages else None,
+        "messages_per_s": round(n / span, 1) if span else None,
+        "mb_per_s": round(nbytes / span / 1e6, 2) if span else None,
+        "decode_json": decode,
+        "cpu_s": usage.get("bench_cpu_s"),
+    }
+    return out
+
+
+def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> dict:
+    """Start the worker and time its ``events_ingested`` counter from 0 to ``n_events``."""
+    t_spawn = time.monotonic()
+    w, starter, errors = h.start_worker_async(timeout=timeout)
+    log(f"starting worker (web port {w.web_port}, log {w.log_file}); "
+        f"waiting for events_ingested >= {n_events}")
+    samples = []  # (t since spawn, events_ingested)
+    t_ready = t_first = c_first = cpu_first = t_done = None
+    broker_cpu_first = None
+    counters: dict = {}
+    deadline = t_spawn + timeout
+    last_log = 0.0
+    while time.monotonic() < deadline:
+        if errors:
+            raise RuntimeError(f"worker failed to start: {errors[0]}")
+        if w.proc is not None and w.proc.poll() is not None:
+            raise RuntimeError(f"worker exited with {w.proc.returncode}:\n{w.tail()}")
+        try:
+            stats = w.stats()
+        except OSError:
+            time.sleep(poll_s)
+            continue
+        now = time.monotonic()
+        counters = stats.get("counters", {})
+        count = counters.get("events_ingested", 0)
+        samples.append((round(now - t_spawn, 3), count))
+        if t_ready is None and not starter.is_alive() and not errors:
+            t_ready = now
+        if count and t_first is None:
+            t_first, c_first = now, count
+            cpu_first = cpu_seconds(w.proc.pid if w.proc else None)
+            broker_cpu_first = cpu_seconds(h.broker_pid)
+            log(f"first events ingested after {t_first - t_spawn:.1f}s ({count})")
+        if count >= n_events:
+            t_done = now
+            break
+        if now - last_log > 5:
+            last_log = now
+            log(f"events_ingested {count}/{n_events}")
+        time.sleep(poll_s)
+    cpu_done = cpu_seconds(w.proc.pid if w.proc else None)
+    broker_cpu_done = cpu_seconds(h.broker_pid)
+    starter.join(timeout=5)
+    if t_ready is None and not starter.is_alive() and not errors:
+        t_ready = time.monotonic()
+    count = counters.get("events_ingested", 0)
+    if t_done is None:
+        log(f"TIMEOUT: events_ingested {count}/{n_events} after {timeout:.0f}s")
+    span = (t_done - t_first) if t_done and t_first and t_done > t_first else None
+    out = {
+        "events": count, "complete": t_done is not None,
+        "time_to_ready_s": round(t_ready - t_spawn, 2) if t_ready else None,
+        "time_to_first_event_s": round(t_first - t_spawn, 2) if t_first else None,
+        "first_sample_events": c_first,
+        # from the first poll that saw events to the poll that saw all of them
+        "seconds": round(span, 2) if span else None,
+        "events_per_s": round((count - c_first) / span, 1) if span else None,
+        # from spawning the worker process: includes imports, rebalance, recovery
+        "end_to_end_seconds": round(t_done - t_spawn, 2) if t_done else None,
+        "end_to_end_events_per_s": round(count / (t_done - t_spawn), 1) if t_done else None,
+        "counters": counters,
+    }
+    if span and cpu_first is not None and cpu_done is not None:
+        out["cpu_s"] = round(cpu_done - cpu_first, 2)
+        out["cpu_cores"] = round((cpu_done - cpu_first) / span, 2)
+    if span and broker_cpu_first is not None and broker_cpu_done is not None:
+        out["broker_cpu_cores"] = round((broker_cpu_done - broker_cpu_first) / span, 2)
+    # a coarse timeline: about 20 points
+    step = max(1, len(samples) // 20)
+    out["timeline"] = samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])
+    return out
+
+
+def main(args: argparse.Namespace) -> dict:
+    from schemas.topics import EVENTS
+    result = {"bench": "ingest"}
+    with Harness(args, "ingest") as h:
+        h.create_topics()
+        existing = h.topic_message_count(EVENTS)
+        if existing:
+            raise RuntimeError(f"topic {EVENTS!r} on {h.bootstrap} already holds {existing} "
+                               f"messages; the bench needs it empty (use its own broker)")
+        log("loading MovieLens events")
+        events = load_events(args.dataset, args.limit, args.time_scale)
+        n = len(events)
+        log(f"producing {n} events ({'1 event' if args.per_message <= 1 else f'up to {args.per_message} events'} "
+            f"per message)")
+        produced = produce_events(h.bootstrap, events, args.per_message)
+        log(f"produced {produced['messages']} messages in {produced['seconds']}s")
+        del events
+        result.update({
+            "config": {"events": n, "per_message": args.per_message, "messages": produced["messages"],
+                       "partitions": h.partitions, "fetch_wait_ms": args.fetch_wait_ms,
+                       "app_id": h.app_id, "bootstrap": h.bootstrap,
+                       "own_broker": h.own_broker},
+            "produce": produced,
+        })
+        if not args.no_raw:
+            log("raw consumer: reading the events topic from the beginning")
+            raw = raw_consume(h.bootstrap, EVENTS, produced["messages"], n,
+                              decode=args.raw_decode, timeout=args.timeout)
+            log(f"raw: {raw['messages_per_s']} msg/s, {raw['events_per_s']} events/s")
+            result["raw"] = raw
+        worker = worker_ingest(h, n, args.timeout, args.poll)
+        log(f"worker: {worker['events_per_s']} events/s "
+            f"(first event after {worker['time_to_first_event_s']}s)")
+        result["worker"] = worker
+        if not worker["complete"]:
+            result["error"] = f"worker ingested {worker['events']}/{n} events within {args.timeout}s"
+            result["worker_log_tail"] = h.worker_log_tail(40).splitlines()
+        raw_rate = result.get("raw", {}).get("events_per_s")
+        result["ratio_worker_over_raw"] = ratio(worker["events_per_s"], raw_rate, 4)
+    return result
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="bench/ingest.py", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--limit", type=int, default=0,
+                    help="only the first N ratings in time order (default: all 100k)")
+    ap.add_argument("--per-message", type=int, default=1, metavar="K",
+                    help="events per message: 1 = single events, K > 1 = one JSON array "
+                         "of up to K events of one user (default %(default)s)")
+    ap.add_argument("--timeout", type=float, default=300.0,
+                    help="give up on the worker (and raw consumer) after this many seconds")
+    ap.add_argument("--poll", type=float, default=0.1, help="stats poll interval, seconds")
+    ap.add_argument("--no-raw", action="store_true", help="skip the bare-consumer baseline")
+    ap.add_argument("--raw-decode", action="store_true",
+                    help="the bare consumer also JSON-decodes every message")
+    add_common_args(ap, DEFAULT_PORT)
+    return ap
+
+
+if __name__ == "__main__":
+    sys.exit(run(main, parser()))
