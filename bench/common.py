@@ -211,8 +211,26 @@ class Harness:
         from streams.admin import create_topics
         specs = catalogue(self.partitions, self.app_id) + list(extra)
         res = create_topics(self.bootstrap, specs)
+        self.wait_for_leaders([s.name for s in specs])
         log(f"topics: created {len(res['created'])}, existing {len(res['existing'])}")
         return res
+
+    def wait_for_leaders(self, names: list, timeout: float = 30.0) -> None:
+        """Wait until every partition of ``names`` has a leader (fresh topics take a moment)."""
+        from confluent_kafka.admin import AdminClient
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        deadline = time.monotonic() + timeout
+        while True:
+            md = admin.list_topics(timeout=10).topics
+            missing = [n for n in names if n not in md or md[n].error is not None
+                       or not md[n].partitions
+                       or any(p.leader < 0 or p.error is not None
+                              for p in md[n].partitions.values())]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"topics without leaders after {timeout:.0f}s: {missing}")
+            time.sleep(0.2)
 
     def topic_message_count(self, topic: str) -> int:
         """Messages currently in ``topic`` (sum of high - low watermarks)."""
@@ -222,7 +240,14 @@ class Harness:
             parts = c.list_topics(topic, timeout=10).topics[topic].partitions
             total = 0
             for p in parts:
-                lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                for attempt in range(50):  # leadership of a fresh topic may still be settling
+                    try:
+                        lo, hi = c.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                        break
+                    except Exception:
+                        if attempt == 49:
+                            raise
+                        time.sleep(0.2)
                 total += hi - lo
             return total
         finally:

@@ -42,6 +42,14 @@ def cmd_topics(args) -> int:
 
 
 def cmd_worker(args) -> int:
+    import dataclasses
+    from confluent_kafka.admin import AdminClient
+    import streams.settings
+    s = _settings()
+    # Local RocksDB state belongs to one Kafka cluster: a wiped or different broker
+    # must not meet offsets persisted for another one, so key the dir by cluster id.
+    cluster = AdminClient({"bootstrap.servers": s.bootstrap}).list_topics(timeout=15).cluster_id
+    streams.settings.settings = dataclasses.replace(s, data_dir=s.data_dir / f"cluster-{cluster}")
     from streams.app import app
     sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]
     app.main()

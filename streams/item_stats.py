@@ -68,7 +68,7 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict
 
 @app.agent(item_deltas_topic)
 async def item_stats_agent(stream):
-    async for batch in stream.take_events(2000, within=0.05):
+    async for batch in stream.take_events(500, within=0.05):
         try:
             await apply_batch(batch)
         except Exception:

@@ -30,11 +30,13 @@ class WorkerProcess:
                     "STREAMREC_DATA_DIR": str(self.data_dir),
                     "STREAMREC_WEB_PORT": str(web_port)}
         self.proc: Optional[subprocess.Popen] = None
+        self._log_start = 0
 
     def start(self, timeout: float = 90.0) -> "WorkerProcess":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_file, "ab")
+        self._log_start = log.seek(0, os.SEEK_END)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"], env=self.env, stdout=log,
             stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
@@ -56,7 +58,9 @@ class WorkerProcess:
             self.stats()
         except OSError:
             return False
-        return b"Worker ready" in self.log_file.read_bytes()[-200_000:]
+        with open(self.log_file, "rb") as f:
+            f.seek(self._log_start)
+            return b"Worker ready" in f.read()
 
     def stats(self) -> dict:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/stats/", timeout=2) as r:
@@ -74,6 +78,16 @@ class WorkerProcess:
                 return value
             time.sleep(0.2)
         raise TimeoutError(f"counter {name} reached {value}, wanted {at_least} within {timeout}s")
+
+    def wait_drained(self, timeout: float = 300.0) -> dict:
+        """Wait until every item delta the ingest agent sent has been applied."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            c = self.stats()["counters"]
+            if c.get("item_deltas_applied", 0) >= c.get("item_deltas_sent", 0):
+                return c
+            time.sleep(0.2)
+        raise TimeoutError(f"item deltas not drained within {timeout}s: {c}")
 
     def tail(self, lines: int = 30) -> str:
         try:

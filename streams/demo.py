@@ -1,0 +1,75 @@
+"""``streamrec demo``: the whole system on one machine, from nothing.
+
+Starts the broker, creates the topics, starts a worker, replays MovieLens-100k
+through Kafka with a progress bar, waits until the worker has taken it all in,
+prints recommendations for a few users, and says where to look next.
+"""
+from __future__ import annotations
+
+import time
+
+from streams.settings import home, settings
+
+
+def run_demo(args) -> int:
+    from schemas.topics import catalogue
+    from streams import broker
+    from streams.admin import create_topics
+    from streams.cli import print_reply
+    from streams.client import RecommendationClient
+    from streams.local import WorkerProcess
+    from streams.producer import EventProducer
+    from streams.replay import find_dataset, load_authors, load_ratings, replay, to_events
+
+    path = find_dataset(args.dataset)
+    port = int(settings.bootstrap.rsplit(":", 1)[1])
+    print(f"1/5 broker: Apache Kafka on {settings.bootstrap}")
+    broker.start(port=port)
+    print("2/5 topics:", create_topics(settings.bootstrap, catalogue(settings.partitions,
+                                                                     settings.app_id)))
+    worker = WorkerProcess(settings.bootstrap, settings.data_dir, web_port=settings.web_port,
+                           log_file=home() / "demo-worker.log")
+    print(f"3/5 worker: starting (log: {worker.log_file})")
+    worker.start()
+    try:
+        ratings = load_ratings(path)
+        if args.limit:
+            ratings = ratings[:args.limit]
+        events = list(to_events(ratings, load_authors(path), end_at=time.time(),
+                                time_scale=5000.0))
+        print(f"4/5 replay: {len(events)} MovieLens ratings as events")
+        before = worker.counter("events_ingested")
+        with EventProducer(settings.bootstrap) as producer:
+            summary = replay(producer, events)
+        print(f"    sent {summary['events']} events in {summary['seconds']} s; waiting for the worker")
+        worker.wait_for("events_ingested", before + len(events), timeout=600)
+        stats = worker.wait_drained()
+        time.sleep(1.5)  # let the last trending snapshot be published
+        print(f"    worker: {stats.get('events_applied', 0)} new events applied, "
+              f"{stats.get('duplicates_dropped', 0)} duplicates dropped (replayed before), "
+              f"{stats.get('dead_letters', 0)} dead letters")
+        print("5/5 recommendations:")
+        with RecommendationClient(settings.bootstrap) as client:
+            for user in args.users.split(","):
+                t0 = time.perf_counter()
+                reply = client.recommend(user.strip(), "explore", 10, timeout=2.0)
+                print_reply(reply)
+                print(f"    round trip {(time.perf_counter() - t0) * 1000:.1f} ms\n")
+        print(f"Where to look:\n"
+              f"  worker stats  http://127.0.0.1:{settings.web_port}/stats/\n"
+              f"  worker log    {worker.log_file}\n"
+              f"  broker log    streamrec broker logs\n"
+              f"  ask yourself  streamrec recommend --user 42 -k 10\n"
+              f"  dead letters  kcat -C -b {settings.bootstrap} -t events.dlq -e")
+        if args.exit:
+            return 0
+        print("\nThe worker keeps running; Ctrl-C stops it (the broker keeps running: "
+              "'streamrec broker stop').")
+        while worker.proc.poll() is None:
+            time.sleep(1)
+        print(f"worker exited with {worker.proc.returncode}; see {worker.log_file}")
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        worker.stop()
