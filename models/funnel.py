@@ -198,19 +198,24 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
     if req.deadline - start < config.min_budget_s:
         return reply(fallback_items(req, history, config=config, view=view, now=start),
                      "deadline too close to run the funnel")
+    excluded = history.excluded() | set(req.exclude)
     results: dict[str, list[Scored]] = {}
+    retrieved: set[str] = set()
     for name, spec in config.sources.items():
         if clock() > req.deadline - config.reserve_s:
             return reply(fallback_items(req, history, view, start, config),
                          f"deadline reached during retrieval (before {name!r})")
         if name == "history":
-            results[name] = history_source(history, view, start, config.seeds, spec.fetch)
+            found = history_source(history, view, start, config.seeds, spec.fetch + len(excluded))
         elif name == "trending":
-            results[name] = view.trending(req.surface, spec.fetch, start)
+            found = view.trending(req.surface, spec.fetch + len(excluded), start)
+        else:
+            continue
+        retrieved.update(c[0] for c in found)
+        # Filter before blending so seen items neither come back nor set the scale.
+        results[name] = [c for c in found if c[0] not in excluded][:spec.fetch]
+    counts["retrieved"] = len(retrieved)
     candidates = blend(results, {n: s.weight for n, s in config.sources.items()})
-    counts["retrieved"] = len(candidates)
-    excluded = history.excluded() | set(req.exclude)
-    candidates = [c for c in candidates if c.item_id not in excluded]
     counts["after_filters"] = len(candidates)
     ranked = rank(candidates)
     counts["ranked"] = len(ranked)

@@ -62,20 +62,23 @@ class TrendingBoard:
         if author is not None:
             self.authors[item] = author
         if len(self.scores) > 2 * self.capacity:
-            self._prune(ts)
+            self._prune()
 
     def set(self, item: str, score_ts: list, author: Optional[str] = None) -> None:
         self.scores[item] = list(score_ts)
         if author is not None:
             self.authors[item] = author
         if len(self.scores) > 2 * self.capacity:
-            self._prune(score_ts[1])
+            self._prune()
 
     def top(self, n: int, now: float) -> list[tuple[str, float]]:
         ranked = ((item, decayed(s, t, now, self.half_life)) for item, (s, t) in self.scores.items())
         return heapq.nlargest(n, ((i, s) for i, s in ranked if s > 0), key=lambda x: x[1])
 
-    def _prune(self, now: float) -> None:
+    def _prune(self) -> None:
+        # Compare every item at the board's latest time: decayed() never decays
+        # a score stamped later than "now", so an earlier "now" would be unfair.
+        now = max(t for _, t in self.scores.values())
         keep = dict(self.top(self.capacity, now))
         self.scores = {i: v for i, v in self.scores.items() if i in keep}
         self.authors = {i: a for i, a in self.authors.items() if i in keep}

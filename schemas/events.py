@@ -37,6 +37,8 @@ _MAX_ID_LEN = 128
 # the replay tool, so anything before 2001 is a unit mistake (ms vs s).
 _MIN_TS = 978307200.0
 _MAX_FUTURE_S = 86400.0
+# Latest plausible epoch-seconds value (year 2100): anything above is milliseconds.
+_MAX_TS = 4102444800.0
 
 
 class SchemaError(ValueError):
@@ -114,14 +116,16 @@ def parse_event(record: Any, *, now: Optional[float] = None) -> EngagementEvent:
     if not isinstance(record, dict):
         raise SchemaError(f"an event must be a JSON object, got {type(record).__name__}")
     version = record.get("schema_version", SCHEMA_VERSION)
-    if version != SCHEMA_VERSION:
+    if isinstance(version, bool) or version != SCHEMA_VERSION:
         raise SchemaError(f"unsupported schema_version {version!r}; this worker reads {SCHEMA_VERSION}")
     event_type = record.get("event_type")
     if event_type not in EVENT_TYPES:
         raise SchemaError(f"'event_type' must be one of {', '.join(EVENT_TYPES)}; got {event_type!r}")
     ts = as_number(record, "ts")
     if ts < _MIN_TS:
-        raise SchemaError(f"'ts' must be epoch seconds after 2001-01-01, got {ts} (milliseconds?)")
+        raise SchemaError(f"'ts' must be epoch seconds after 2001-01-01, got {ts}")
+    if ts > _MAX_TS:
+        raise SchemaError(f"'ts' must be epoch seconds, got {ts} (milliseconds?)")
     if now is not None and ts > now + _MAX_FUTURE_S:
         raise SchemaError(f"'ts' is {ts - now:.0f} s in the future")
     dwell_ms = _optional_int(record, "dwell_ms", 0)

@@ -33,6 +33,6 @@ app = StreamrecApp(
 )
 
 # Agents, tables and pages register themselves on import.
-from streams import ingest, item_stats, serving, web  # noqa: E402,F401
+from streams import tables, ingest, item_stats, serving, web  # noqa: E402,F401,I001
 
 main = app.main

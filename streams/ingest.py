@@ -23,11 +23,11 @@ from streams import metrics
 from streams.app import app
 from streams.context import use_event
 from streams.settings import settings
+from streams.tables import user_history
 
 events_topic = app.topic(EVENTS)
 dlq_topic = app.topic(EVENTS_DLQ)
 item_deltas_topic = app.topic(ITEM_DELTAS)
-user_history = app.Table("user_history", default=None, partitions=settings.partitions)
 
 #: How many of a user's recent positives pair with a new one for co-engagement.
 COENGAGEMENT_LOOKBACK = 10

@@ -32,7 +32,9 @@ class Rating:
 
 
 def rating_event_type(rating: int) -> str:
-    """>>> [rating_event_type(r) for r in (1, 2, 3, 4, 5)]
+    """The engagement a star rating stands for.
+
+    >>> [rating_event_type(r) for r in (1, 2, 3, 4, 5)]
     ['see_less', 'see_less', 'click', 'like', 'like']
     """
     return "like" if rating >= 4 else "click" if rating == 3 else "see_less"

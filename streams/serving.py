@@ -19,7 +19,7 @@ from schemas.requests import RecommendationReply, parse_request
 from schemas.topics import EVENTS_DLQ, REPLIES, REQUESTS, partition_for
 from streams import metrics
 from streams.app import app
-from streams.ingest import user_history
+from streams.tables import user_history
 from streams.settings import settings
 from streams.view import view
 

@@ -269,11 +269,6 @@ def test_unknown_surface_returns_empty_not_error():
     assert reply.items == [] and reply.error is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/funnel.py:209 fetches a fixed SourceSpec.fetch (500) trending items and only then "
-    "filters seen items (lines 212-213), whereas fallback_items (line 175) over-fetches by "
-    "len(excluded). A user who has been shown the top 500 trending items (seen holds 500) "
-    "gets an under-filled reply although hundreds of unseen trending items exist"))
 def test_heavy_user_still_gets_k_unseen_trending_items():
     view = StaticItemView(trending={"explore": trending_list(800, authors=50)})
     h = UserHistory()

@@ -116,10 +116,6 @@ def test_board_stays_bounded():
     assert f"i{best}" in board.scores
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "models/trending.py:65/72 prune at the adding event's own ts; decayed() (line 36) does "
-    "not decay scores stamped later than `now`, so items are compared at different times and "
-    "an item that is better at every common time can be dropped"))
 def test_pruning_triggered_by_a_late_event_keeps_the_best():
     board = TrendingBoard(half_life=HL, capacity=1)
     board.add("A", 10.0, ts=T0 + 100)
@@ -413,10 +409,6 @@ def test_ingest_deltas_feed_item_stats_end_to_end():
 
 # --------------------------------------------------------------------------- module wiring
 
-@pytest.mark.xfail(strict=True, reason=(
-    "circular import: streams/ingest.py:23 imports streams.app, whose line 36 imports "
-    "streams.serving, which (streams/serving.py:22) imports user_history from the "
-    "half-initialised streams.ingest -> ImportError unless streams.app was imported first"))
 def test_ingest_module_imports_on_its_own():
     # Import afresh, as a new interpreter would, then put the original modules back.
     def ours(name):
