@@ -25,12 +25,16 @@ from schemas.topics import ITEM_NEIGHBOURS, TRENDING_SNAPSHOTS
 class SharedItemView:
     """Implements :class:`models.funnel.ItemView` over the compacted topics."""
 
-    def __init__(self, bootstrap: str, topics=(TRENDING_SNAPSHOTS, ITEM_NEIGHBOURS)):
+    def __init__(self, bootstrap: str, topics=(TRENDING_SNAPSHOTS, ITEM_NEIGHBOURS),
+                 trending_ttl_s: float = 0.25):
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
         #: surface -> {partition key: snapshot}
         self._trending: dict[str, dict[str, dict]] = {}
         self._neighbours: dict[str, list] = {}
+        #: surface -> (n, computed at, merged list); see trending().
+        self._trending_cache: dict[str, tuple] = {}
+        self.trending_ttl_s = trending_ttl_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._caught_up = threading.Event()
@@ -40,9 +44,16 @@ class SharedItemView:
 
     # -- ItemView ---------------------------------------------------------
     def trending(self, surface: str, n: int, now: float):
+        # Merging and decaying every partition's snapshot costs milliseconds; the
+        # answer barely moves within a fraction of a second, so reuse it briefly.
+        cached = self._trending_cache.get(surface)
+        if cached and cached[0] >= n and 0 <= now - cached[1] < self.trending_ttl_s:
+            return cached[2][:n]
         with self._lock:
             snaps = list(self._trending.get(surface, {}).values())
-        return merge_snapshots(snaps, n, now)
+        merged = merge_snapshots(snaps, n, now)
+        self._trending_cache[surface] = (n, now, merged)
+        return merged
 
     def neighbours(self, item: str):
         return self._neighbours.get(item, [])

@@ -57,7 +57,11 @@ class RecommendationClient:
     def _read_replies(self) -> None:
         next_sweep = 0.0
         while not self._stop.is_set():
-            for msg in self._consumer.consume(100, timeout=0.05):
+            # poll() returns as soon as one reply arrives (consume(n, timeout) would
+            # wait for n messages or the whole timeout); then drain what is buffered.
+            first = self._consumer.poll(0.01)
+            batch = [first] + self._consumer.consume(100, timeout=0) if first is not None else []
+            for msg in batch:
                 if msg.error() or msg.value() is None:
                     continue
                 request_id = (msg.key() or b"").decode()

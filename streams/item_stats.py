@@ -87,10 +87,10 @@ async def apply_batch(batch) -> None:
         stats = item_stats.get(item)
         nbrs_changed = False
         for event in events:
-            stats, changed = apply_delta(stats, orjson.loads(event.value),
-                                         settings.trending_half_life_s)
+            delta = orjson.loads(event.value)
+            stats, changed = apply_delta(stats, delta, settings.trending_half_life_s)
             nbrs_changed |= changed
-            for surface in orjson.loads(event.value).get("trend", {}):
+            for surface in delta.get("trend", {}):
                 board_for(surface, partition).set(item, stats["trend"][surface], stats["author"])
                 _dirty.add((surface, partition))
         item_stats[item] = stats
