@@ -146,9 +146,8 @@ class EchoServer:
 class EchoClient:
     """The client side of the echo: RecommendationClient's Kafka settings and reply matching.
 
-    Like RecommendationClient's reply reader it calls ``consume(100, timeout=0.05)``,
-    which returns only when 100 messages came or 50 ms passed: at bench rates each
-    reply waits 0-50 ms there, in both measurements alike.
+    It reads replies exactly like RecommendationClient's reply reader: ``poll()``
+    for the first reply, then whatever else is already buffered.
     """
 
     def __init__(self, bootstrap: str, reply_partition: int, fetch_wait_ms: int):
@@ -171,7 +170,9 @@ class EchoClient:
         from streams.client import RecommendationTimeout
         next_sweep = 0.0
         while not self._stop.is_set():
-            for msg in self._consumer.consume(100, timeout=0.05):
+            first = self._consumer.poll(0.01)
+            batch = [first] + self._consumer.consume(100, timeout=0) if first is not None else []
+            for msg in batch:
                 if msg.error() or msg.value() is None:
                     continue
                 rid = next((v for k, v in (msg.headers() or ()) if k == "rid"), b"")

@@ -100,7 +100,7 @@ class SharedItemView:
             "bootstrap.servers": self.bootstrap,
             "group.id": "streamrec-shared-view",  # required by the client; never committed
             "enable.auto.commit": False,
-            "fetch.wait.max.ms": 10,
+            "fetch.wait.max.ms": 50,  # freshness of shared state is ~0.5 s anyway
         })
         try:
             assignment, high = [], {}

@@ -25,8 +25,7 @@ app = StreamrecApp(
     key_serializer="raw",
     value_serializer="raw",
     consumer_auto_offset_reset="earliest",
-    # Replies must not wait for a batch to fill.
-    producer_linger=0.0,
+    producer_linger=settings.producer_linger_ms / 1000.0,
     # With stream_wait_empty=True, stopping after serving requests can hang.
     stream_wait_empty=False,
     fetch_wait_ms=settings.fetch_wait_ms,

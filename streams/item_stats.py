@@ -29,6 +29,8 @@ SNAPSHOT_SIZE = 500
 #: (surface, partition) -> board; in memory, re-seeded from the last snapshot.
 boards: dict[tuple[str, int], TrendingBoard] = {}
 _dirty: set[tuple[str, int]] = set()
+#: item -> neighbours changed since the last publish.
+_dirty_neighbours: dict[str, dict] = {}
 _last_publish = 0.0
 
 
@@ -95,31 +97,42 @@ async def apply_batch(batch) -> None:
                 _dirty.add((surface, partition))
         item_stats[item] = stats
         if nbrs_changed:
-            ranked = sorted(stats["nbrs"].items(), key=lambda kv: -kv[1][0])
-            await neighbours_topic.send(
-                key=item.encode(),
-                value=orjson.dumps({"items": [[o, w, a] for o, (w, a) in ranked]}))
+            _dirty_neighbours[item] = stats["nbrs"]
     metrics.counters["item_deltas_applied"] += len(batch)
     now = time.time()
-    if _dirty and now - _last_publish >= settings.snapshot_interval_s:
+    if (_dirty or _dirty_neighbours) and now - _last_publish >= settings.snapshot_interval_s:
         await publish_snapshots(now)
         _last_publish = now
 
 
 async def publish_snapshots(now: float) -> None:
-    for surface, partition in sorted(_dirty):
+    """Publish what changed since the last call: trending boards and neighbour lists.
+
+    Coalescing to one message per item per interval keeps a hot item, which
+    changes in nearly every batch, from flooding every worker's shared view.
+    """
+    # Take the pending sets first: the timer and the agent may both publish, and
+    # whatever is marked while we await sends belongs to the next round.
+    neighbours, boards_due = dict(_dirty_neighbours), sorted(_dirty)
+    _dirty_neighbours.clear()
+    _dirty.clear()
+    for item, nbrs in neighbours.items():
+        ranked = sorted(nbrs.items(), key=lambda kv: -kv[1][0])
+        await neighbours_topic.send(
+            key=item.encode(), value=orjson.dumps({"items": [[o, w, a] for o, (w, a) in ranked]}))
+    for surface, partition in boards_due:
         snap = boards[(surface, partition)].snapshot(SNAPSHOT_SIZE, now)
         await trending_topic.send(key=f"{surface}/{partition}".encode(), value=orjson.dumps(snap),
                                   partition=0)
-    metrics.counters["trending_snapshots"] += len(_dirty)
-    _dirty.clear()
+    metrics.counters["neighbour_lists_published"] += len(neighbours)
+    metrics.counters["trending_snapshots"] += len(boards_due)
 
 
 @app.timer(1.0)
 async def flush_snapshots():
     """Publish boards that changed after the last batch's rate-limited publish."""
     global _last_publish
-    if _dirty:
+    if _dirty or _dirty_neighbours:
         now = time.time()
         await publish_snapshots(now)
         _last_publish = now

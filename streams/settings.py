@@ -28,6 +28,10 @@ class Settings:
     web_port: int = field(default_factory=lambda: int(_env("WEB_PORT", "6066")))
     #: Consumer fetch wait: low values cut request/reply latency, cost idle CPU.
     fetch_wait_ms: int = field(default_factory=lambda: int(_env("FETCH_WAIT_MS", "5")))
+    #: Producer linger: each ms may delay a reply by as much; a few ms let table
+    #: and delta writes share requests (0 ms halved ingest in bench/ingest.py).
+    producer_linger_ms: float = field(
+        default_factory=lambda: float(_env("PRODUCER_LINGER_MS", "2")))
     ingest_batch: int = field(default_factory=lambda: int(_env("INGEST_BATCH", "2000")))
     ingest_within_s: float = field(default_factory=lambda: float(_env("INGEST_WITHIN_S", "0.05")))
     trending_half_life_s: float = field(
