@@ -125,6 +125,15 @@ def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> d
         time.sleep(poll_s)
     cpu_done = cpu_seconds(w.proc.pid if w.proc else None)
     broker_cpu_done = cpu_seconds(h.broker_pid)
+    # The item side (trending, co-engagement) runs behind ingest: time until it
+    # has applied every delta ingest sent, i.e. until the whole pipeline is done.
+    t_drained = None
+    while t_done is not None and time.monotonic() < deadline:
+        c = w.stats().get("counters", {})
+        if c.get("item_deltas_applied", 0) >= c.get("item_deltas_sent", 0):
+            t_drained, counters = time.monotonic(), c
+            break
+        time.sleep(poll_s)
     starter.join(timeout=5)
     if t_ready is None and not starter.is_alive() and not errors:
         t_ready = time.monotonic()
@@ -144,6 +153,10 @@ def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> d
         "end_to_end_seconds": round(t_done - t_spawn, 2) if t_done else None,
         "end_to_end_events_per_s": round(count / (t_done - t_spawn), 1) if t_done else None,
         "counters": counters,
+        # events / seconds from the first event until item deltas were all applied
+        "pipeline_seconds": round(t_drained - t_first, 2) if t_drained and t_first else None,
+        "pipeline_events_per_s": (round(count / (t_drained - t_first), 1)
+                                  if t_drained and t_first else None),
     }
     if span and cpu_first is not None and cpu_done is not None:
         out["cpu_s"] = round(cpu_done - cpu_first, 2)

@@ -56,7 +56,7 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
         TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS),
         TopicSpec(REQUESTS, p, "user_id", "RecommendationRequest (JSON)", HOUR_MS),
         TopicSpec(REPLIES, p, "request_id", "RecommendationReply (JSON)", HOUR_MS),
-        TopicSpec(ITEM_DELTAS, p, "item_id", "item delta (JSON): trending weights, co-engagement",
+        TopicSpec(ITEM_DELTAS, p, "item partition", "{item_id: delta} bundle (JSON): trending, co-engagement",
                   DAY_MS),
         TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
                   compact=True),

@@ -49,7 +49,9 @@ def cmd_worker(args) -> int:
     # Local RocksDB state belongs to one Kafka cluster: a wiped or different broker
     # must not meet offsets persisted for another one, so key the dir by cluster id.
     cluster = AdminClient({"bootstrap.servers": s.bootstrap}).list_topics(timeout=15).cluster_id
-    streams.settings.settings = dataclasses.replace(s, data_dir=s.data_dir / f"cluster-{cluster}")
+    data_dir = s.data_dir / f"cluster-{cluster}" / s.app_id
+    data_dir.mkdir(parents=True, exist_ok=True)
+    streams.settings.settings = dataclasses.replace(s, data_dir=data_dir)
     from streams.app import app
     sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]
     app.main()

@@ -1,6 +1,7 @@
 """Item-side state, owned by the item's partition and shared with every worker.
 
-Consumes ``item.deltas`` (keyed by item), keeps each item's trending scores
+Consumes ``item.deltas`` (bundles of per-item deltas, each on the partition
+that owns its items, see :func:`streams.ingest.bundle_by_partition`), keeps each item's trending scores
 and co-engagement neighbours in the ``item_stats`` table, and publishes the
 compact results every worker needs: per-partition trending snapshots to
 ``trending.snapshots`` and each item's top neighbours to ``item.neighbours``.
@@ -13,7 +14,8 @@ import orjson
 
 from models.coengagement import add_neighbours
 from models.trending import TrendingBoard, merge_score
-from schemas.topics import ITEM_DELTAS, ITEM_NEIGHBOURS, TRENDING_SNAPSHOTS
+from schemas.deadletter import dead_letter
+from schemas.topics import EVENTS_DLQ, ITEM_DELTAS, ITEM_NEIGHBOURS, TRENDING_SNAPSHOTS
 from streams import metrics
 from streams.app import app
 from streams.context import use_event
@@ -23,6 +25,7 @@ from streams.view import view
 item_deltas_topic = app.topic(ITEM_DELTAS)
 trending_topic = app.topic(TRENDING_SNAPSHOTS)
 neighbours_topic = app.topic(ITEM_NEIGHBOURS)
+dlq_topic = app.topic(EVENTS_DLQ)
 item_stats = app.Table("item_stats", default=None, partitions=settings.partitions)
 
 SNAPSHOT_SIZE = 500
@@ -43,6 +46,34 @@ def board_for(surface: str, partition: int) -> TrendingBoard:
         for item, score, author in (last or {}).get("items", []):
             board.set(item, [score, last["ts"]], author)
     return board
+
+
+def decode_bundle(raw: bytes):
+    """A ``{item: delta}`` bundle, or a string saying why ``raw`` is not one.
+
+    >>> decode_bundle(b'{"i1": {"trend": {"explore": [1.0, 5.0]}}}')["i1"]["trend"]
+    {'explore': [1.0, 5.0]}
+    >>> decode_bundle(b'{"i1": {"trend": 3}}')
+    "item delta for 'i1' is malformed: 'trend' must map surface to [score, ts]"
+    """
+    try:
+        bundle = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        return f"item delta bundle is not JSON: {exc}"
+    if not isinstance(bundle, dict):
+        return "item delta bundle must be a JSON object {item_id: delta}"
+    for item, delta in bundle.items():
+        if not isinstance(delta, dict):
+            return f"item delta for {item!r} must be an object"
+        trend = delta.get("trend", {})
+        if not isinstance(trend, dict) or not all(
+                isinstance(v, list) and len(v) == 2 for v in trend.values()):
+            return f"item delta for {item!r} is malformed: 'trend' must map surface to [score, ts]"
+        co = delta.get("co", {})
+        if not isinstance(co, dict) or not all(
+                isinstance(v, list) and len(v) == 2 for v in co.values()):
+            return f"item delta for {item!r} is malformed: 'co' must map item to [weight, author]"
+    return bundle
 
 
 def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict, bool]:
@@ -80,16 +111,25 @@ async def item_stats_agent(stream):
 
 async def apply_batch(batch) -> None:
     global _last_publish
-    merged: dict[str, list] = {}
+    # item -> (an event from the item's partition, [deltas in arrival order])
+    merged: dict[str, tuple] = {}
     for event in batch:
-        merged.setdefault(event.key.decode(), []).append(event)
-    for item, events in merged.items():
-        use_event(events[-1])
-        partition = events[-1].message.partition
+        bundle = decode_bundle(event.value)
+        if isinstance(bundle, str):
+            # Only the ingest agent writes here, so this is a bug or a stray producer.
+            metrics.counters["bad_item_deltas"] += 1
+            msg = event.message
+            await dlq_topic.send(key=msg.key, value=orjson.dumps(dead_letter(
+                event.value, bundle, msg.topic, msg.partition, msg.offset, key=msg.key)))
+            continue
+        for item, delta in bundle.items():
+            merged.setdefault(item, (event, []))[1].append(delta)
+    for item, (event, deltas) in merged.items():
+        use_event(event)
+        partition = event.message.partition
         stats = item_stats.get(item)
         nbrs_changed = False
-        for event in events:
-            delta = orjson.loads(event.value)
+        for delta in deltas:
             stats, changed = apply_delta(stats, delta, settings.trending_half_life_s)
             nbrs_changed |= changed
             for surface in delta.get("trend", {}):
@@ -98,7 +138,7 @@ async def apply_batch(batch) -> None:
         item_stats[item] = stats
         if nbrs_changed:
             _dirty_neighbours[item] = stats["nbrs"]
-    metrics.counters["item_deltas_applied"] += len(batch)
+    metrics.counters["item_deltas_applied"] += sum(len(d) for _, d in merged.values())
     now = time.time()
     if (_dirty or _dirty_neighbours) and now - _last_publish >= settings.snapshot_interval_s:
         await publish_snapshots(now)
