@@ -1,4 +1,4 @@
-"""The serving funnel: retrieve -> blend -> rank -> rerank, within a deadline.
+"""The serving funnel: retrieve -> blend -> filter -> rank -> rerank, within a deadline.
 
 Pure functions over an :class:`ItemView` (shared item-side state) and a
 :class:`~models.history.UserHistory`; the Faust serving agent is thin glue
@@ -10,7 +10,7 @@ score; learned stages plug in at :func:`rank`.
 >>> h = UserHistory(); h.apply("s", "like", 1000.0)
 >>> req = RecommendationRequest("r", "u", "explore", k=3, deadline=2000.0)
 >>> [(i.item_id, i.sources) for i in recommend(req, h, view, clock=lambda: 1000.0).items]
-[('n1', ('history',)), ('t1', ('trending',)), ('t2', ('trending',))]
+[('n1', ('coengagement',)), ('t1', ('trending',)), ('t2', ('trending',))]
 """
 from __future__ import annotations
 
@@ -18,7 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
 
+import numpy as np
+
 from models.history import UserHistory
+from models.quality import is_objectionable
+from models.sources import SOURCES, Hit, RetrievalContext
 from schemas.requests import RankedItem, RecommendationReply, RecommendationRequest
 
 Scored = tuple[str, float, Optional[str]]  # (item, score, author)
@@ -29,22 +33,66 @@ class ItemView(Protocol):
     """Item-side state every worker can read (see :mod:`stores.shared_view`)."""
 
     def trending(self, surface: str, n: int, now: float) -> list[Scored]: ...
-
     def neighbours(self, item: str) -> list[Scored]: ...
+    def author_items(self, author: str) -> list[Scored]: ...
+    def author_of(self, item: str) -> Optional[str]: ...
+    def quality(self, item: str) -> Optional[dict]: ...
+    def embedding(self, item: str) -> Optional[np.ndarray]: ...
+    def similar(self, item: str, k: int) -> list[tuple[str, float]]: ...
+    def nearest(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]: ...
+    def pregen(self, name: str, key: str) -> list[Scored]: ...
 
 
 class StaticItemView:
-    """An in-memory :class:`ItemView`, for tests and offline evaluation."""
+    """An in-memory :class:`ItemView`, for tests and offline evaluation.
 
-    def __init__(self, trending=None, neighbours=None):
+    ``similar`` and ``nearest`` search ``embeddings`` exhaustively (cosine).
+    """
+
+    def __init__(self, trending=None, neighbours=None, author_items=None, quality=None,
+                 embeddings=None, pregen=None, authors=None):
         self.trending_lists = trending or {}
         self.neighbour_lists = neighbours or {}
+        self.author_lists = author_items or {}
+        self.qualities = quality or {}
+        self.embeddings = embeddings or {}
+        self.pregen_lists = pregen or {}
+        self.authors = authors or {}
 
     def trending(self, surface, n, now):
         return list(self.trending_lists.get(surface, []))[:n]
 
     def neighbours(self, item):
         return list(self.neighbour_lists.get(item, []))
+
+    def author_items(self, author):
+        return list(self.author_lists.get(author, []))
+
+    def author_of(self, item):
+        return self.authors.get(item)
+
+    def quality(self, item):
+        return self.qualities.get(item)
+
+    def embedding(self, item):
+        return self.embeddings.get(item)
+
+    def nearest(self, vector, k, skip=()):
+        if not self.embeddings:
+            return []
+        ids = list(self.embeddings)
+        matrix = np.stack([self.embeddings[i] for i in ids])
+        norms = np.linalg.norm(matrix, axis=1) * (np.linalg.norm(vector) or 1.0)
+        sims = matrix @ vector / np.where(norms > 0, norms, 1.0)
+        order = np.argsort(-sims)
+        return [(ids[j], float(sims[j])) for j in order if ids[j] not in skip][:k]
+
+    def similar(self, item, k):
+        vector = self.embeddings.get(item)
+        return [] if vector is None else self.nearest(vector, k, skip={item})
+
+    def pregen(self, name, key):
+        return list(self.pregen_lists.get(name, {}).get(key, []))
 
 
 @dataclass(frozen=True)
@@ -53,12 +101,21 @@ class SourceSpec:
     fetch: int
 
 
+def _default_sources() -> dict:
+    return {
+        "coengagement": SourceSpec(weight=1.0, fetch=300),
+        "history": SourceSpec(weight=1.0, fetch=300),
+        "author": SourceSpec(weight=0.5, fetch=200),
+        "embedding": SourceSpec(weight=0.7, fetch=300),
+        "trending": SourceSpec(weight=0.6, fetch=300),
+        "pregen_popular": SourceSpec(weight=0.3, fetch=200),
+    }
+
+
 @dataclass(frozen=True)
 class FunnelConfig:
-    sources: dict = field(default_factory=lambda: {
-        "history": SourceSpec(weight=1.0, fetch=500),
-        "trending": SourceSpec(weight=0.6, fetch=500),
-    })
+    """Which sources run for a surface, how many items each fetches, and its weight."""
+    sources: dict = field(default_factory=_default_sources)
     seeds: int = 10
     #: Below this much time left, skip the funnel and serve the fallback.
     min_budget_s: float = 0.005
@@ -67,22 +124,33 @@ class FunnelConfig:
     #: Longest run of consecutive items by one author in a reply.
     max_author_run: int = 1
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "FunnelConfig":
+        """Build from JSON-like config, refusing unknown sources or bad numbers.
+
+        >>> FunnelConfig.from_dict({"sources": {"trending": {"weight": 1, "fetch": 50}}}).sources
+        {'trending': SourceSpec(weight=1.0, fetch=50)}
+        """
+        unknown = set(d) - {"sources", "seeds", "max_author_run", "min_budget_s", "reserve_s"}
+        if unknown:
+            raise ValueError(f"unknown funnel settings: {sorted(unknown)}")
+        sources = {}
+        for name, spec in (d.get("sources") or {}).items():
+            if name not in SOURCES:
+                raise ValueError(f"unknown source {name!r}; known: {sorted(SOURCES)}")
+            weight, fetch = float(spec.get("weight", 1.0)), int(spec.get("fetch", 100))
+            if weight < 0 or not 0 < fetch <= 10_000:
+                raise ValueError(f"source {name!r}: weight must be >= 0 and fetch in 1..10000")
+            sources[name] = SourceSpec(weight, fetch)
+        if not sources:
+            raise ValueError("a funnel needs at least one source")
+        return cls(sources=sources, seeds=int(d.get("seeds", 10)),
+                   max_author_run=int(d.get("max_author_run", 1)),
+                   min_budget_s=float(d.get("min_budget_s", 0.005)),
+                   reserve_s=float(d.get("reserve_s", 0.002)))
+
 
 DEFAULT_CONFIG = FunnelConfig()
-
-
-def history_source(history: UserHistory, view: ItemView, now: float, seeds: int,
-                   fetch: int) -> list[Scored]:
-    """Items co-engaged with the user's recent positives; newer seeds weigh more."""
-    scores: dict[str, float] = {}
-    authors: dict[str, Optional[str]] = {}
-    for rank, seed in enumerate(history.positive_seeds(now, seeds)):
-        seed_weight = 1.0 / (1.0 + rank)
-        for item, w, author in view.neighbours(seed):
-            scores[item] = scores.get(item, 0.0) + seed_weight * w
-            authors[item] = author
-    top = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:fetch]
-    return [(item, s, authors[item]) for item, s in top]
 
 
 @dataclass
@@ -92,9 +160,11 @@ class Candidate:
     author_id: Optional[str]
     #: source name -> that source's normalised score for this item.
     sources: dict
+    #: source name -> why that source proposed the item.
+    why: dict = field(default_factory=dict)
 
 
-def blend(results: dict[str, list[Scored]], weights: dict[str, float]) -> list[Candidate]:
+def blend(results: dict[str, list], weights: dict[str, float]) -> list[Candidate]:
     """Merge sources: each source's scores are scaled to its best item, weighted and
     summed; every source that proposed an item stays in its attribution.
 
@@ -107,15 +177,18 @@ def blend(results: dict[str, list[Scored]], weights: dict[str, float]) -> list[C
     for name, scored in results.items():
         if not scored:
             continue
-        top = max(s for _, s, _ in scored)
+        top = max(hit[1] for hit in scored)
         scale = 1.0 / top if top > 0 else 0.0
-        for item, s, author in scored:
+        for hit in scored:
+            item, s, author = hit[0], hit[1], hit[2]
             norm = s * scale
             cand = merged.get(item)
             if cand is None:
                 cand = merged[item] = Candidate(item, 0.0, author, {})
             cand.score += weights.get(name, 0.0) * norm
             cand.sources[name] = norm
+            if len(hit) > 3 and hit[3]:
+                cand.why[name] = hit[3]
             if cand.author_id is None:
                 cand.author_id = author
     return sorted(merged.values(), key=lambda c: (-c.score, c.item_id))
@@ -136,14 +209,13 @@ def rerank(ranked: list[Candidate], k: int, max_author_run: int = 1) -> list[Can
     """
     out: list[Candidate] = []
     used: set[str] = set()
-    pending = [c for c in ranked]
+    pending = list(ranked)
     while pending and len(out) < k:
         pick = None
         for idx, cand in enumerate(pending):
             if cand.item_id in used:
                 continue
-            run = _author_run(out, cand.author_id)
-            if run < max_author_run:
+            if _author_run(out, cand.author_id) < max_author_run:
                 pick = idx
                 break
         if pick is None:
@@ -173,7 +245,7 @@ def fallback_items(req: RecommendationRequest, history: UserHistory, view: ItemV
     """The cheap answer: trending on the surface, minus what the user saw."""
     excluded = history.excluded() | set(req.exclude)
     trend = [(i, s, a) for i, s, a in view.trending(req.surface, req.k * 4 + len(excluded), now)
-             if i not in excluded]
+             if i not in excluded and not is_objectionable(view.quality(i))]
     return rerank(blend({"trending": trend}, {"trending": 1.0}), req.k, config.max_author_run)
 
 
@@ -186,7 +258,8 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
 
     def reply(items: list[Candidate], fallback_reason: Optional[str] = None) -> RecommendationReply:
         ranked = [RankedItem(c.item_id, round(c.score, 6),
-                             tuple(sorted(c.sources, key=lambda s: -c.sources[s])), c.author_id)
+                             tuple(sorted(c.sources, key=lambda s: -c.sources[s])), c.author_id,
+                             dict(c.why) or None)
                   for c in items]
         counts["returned"] = len(ranked)
         return RecommendationReply(
@@ -196,26 +269,23 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
             server_latency_ms=round((clock() - start) * 1000.0, 3))
 
     if req.deadline - start < config.min_budget_s:
-        return reply(fallback_items(req, history, config=config, view=view, now=start),
+        return reply(fallback_items(req, history, view, start, config),
                      "deadline too close to run the funnel")
-    excluded = history.excluded() | set(req.exclude)
-    results: dict[str, list[Scored]] = {}
+    region = req.context.get("region") if isinstance(req.context.get("region"), str) else None
+    ctx = RetrievalContext(req.surface, history, view, start,
+                           excluded=history.excluded() | set(req.exclude), region=region,
+                           seeds=config.seeds)
+    results: dict[str, list[Hit]] = {}
     retrieved: set[str] = set()
     for name, spec in config.sources.items():
         if clock() > req.deadline - config.reserve_s:
             return reply(fallback_items(req, history, view, start, config),
                          f"deadline reached during retrieval (before {name!r})")
-        if name == "history":
-            found = history_source(history, view, start, config.seeds, spec.fetch + len(excluded))
-        elif name == "trending":
-            found = view.trending(req.surface, spec.fetch + len(excluded), start)
-        else:
-            continue
-        retrieved.update(c[0] for c in found)
-        # Filter before blending so seen items neither come back nor set the scale.
-        results[name] = [c for c in found if c[0] not in excluded][:spec.fetch]
+        results[name] = SOURCES[name](ctx, spec.fetch)
+        retrieved.update(h.item_id for h in results[name])
     counts["retrieved"] = len(retrieved)
     candidates = blend(results, {n: s.weight for n, s in config.sources.items()})
+    candidates = [c for c in candidates if not is_objectionable(view.quality(c.item_id))]
     counts["after_filters"] = len(candidates)
     ranked = rank(candidates)
     counts["ranked"] = len(ranked)

@@ -52,6 +52,8 @@ class RankedItem:
     #: Every retrieval source that proposed this item, best first.
     sources: tuple[str, ...]
     author_id: Optional[str] = None
+    #: source name -> why that source proposed the item.
+    why: Optional[dict] = None
 
 
 @dataclass(slots=True)
@@ -117,6 +119,7 @@ def decode_request(raw: bytes) -> RecommendationRequest:
 def decode_reply(raw: bytes) -> RecommendationReply:
     d = orjson.loads(raw)
     d["items"] = [RankedItem(item_id=i["item_id"], score=i["score"],
-                             sources=tuple(i.get("sources", ())), author_id=i.get("author_id"))
+                             sources=tuple(i.get("sources", ())), author_id=i.get("author_id"),
+                             why=i.get("why"))
                   for i in d.get("items", [])]
     return RecommendationReply(**d)

@@ -19,7 +19,10 @@ REQUESTS = "rec.requests"
 REPLIES = "rec.replies"
 ITEM_DELTAS = "item.deltas"
 TRENDING_SNAPSHOTS = "trending.snapshots"
-ITEM_NEIGHBOURS = "item.neighbours"
+ITEM_PROFILES = "item.profiles"
+AUTHOR_ITEMS = "author.items"
+PREGEN = "pregen.sources"
+CONFIG = "config.funnel"
 
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
@@ -60,7 +63,13 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                   DAY_MS),
         TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
                   compact=True),
-        TopicSpec(ITEM_NEIGHBOURS, p, "item_id", "top co-engaged neighbours (JSON)", compact=True),
+        TopicSpec(ITEM_PROFILES, p, "item_id",
+                  "author, quality counts, top co-engaged neighbours (JSON)", compact=True),
+        TopicSpec(AUTHOR_ITEMS, 1, "author/partition", "author's top recent items (JSON)",
+                  compact=True),
+        TopicSpec(PREGEN, 1, "version/name/key", "pre-generated sources, then a manifest (JSON)",
+                  compact=True),
+        TopicSpec(CONFIG, 1, "surface", "funnel config per surface (JSON)", compact=True),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
                   compact=True),
         TopicSpec(changelog_name(app_id, "item_stats"), p, "item_id", "item stats (JSON)",

@@ -1,37 +1,74 @@
 """Item-side state shared with every worker through compacted topics.
 
-Item-side aggregates (trending, co-engagement neighbours) are computed on the
-partition that owns the item and published to compacted topics.  Every worker
-runs a :class:`SharedItemView`: a background thread with a plain
-confluent-kafka consumer (no consumer group, all partitions, from the start)
-that keeps the latest value per key in memory.  Serving reads it without I/O.
+Item-side aggregates are computed on the partition that owns the item and
+published to compacted topics; pre-generated batches and funnel configuration
+arrive the same way.  Every worker runs a :class:`SharedItemView`: a
+background thread with a plain confluent-kafka consumer (no consumer group,
+all partitions, from the start) that keeps the latest value per key in
+memory.  Serving reads it without I/O.
 
 A group-less reader is used rather than a Faust GlobalTable so every worker
-sees every partition regardless of rebalances, and so it stays a few lines.
+sees every partition regardless of rebalances.
+
+Pre-generated batches are versioned: a batch's parts are staged until its
+manifest and every part it lists have arrived, then swapped in at once, so a
+worker keeps serving the previous batch until the new one is complete.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Optional
 
+import numpy as np
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from models.funnel import DEFAULT_CONFIG, FunnelConfig
 from models.trending import merge_snapshots
-from schemas.topics import ITEM_NEIGHBOURS, TRENDING_SNAPSHOTS
+from schemas.topics import AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, PREGEN, TRENDING_SNAPSHOTS
+
+log = logging.getLogger(__name__)
+SHARED_TOPICS = (TRENDING_SNAPSHOTS, ITEM_PROFILES, AUTHOR_ITEMS, PREGEN, CONFIG)
+
+
+class PregenBatch:
+    """One complete pre-generated batch: named lists and item embeddings in an ANN index."""
+
+    def __init__(self, version: str, parts: dict, meta: dict):
+        self.version = version
+        self.meta = meta
+        self.lists: dict[str, dict[str, list]] = {}
+        ids, vectors = [], []
+        for (name, key), value in parts.items():
+            if name == "embeddings":
+                ids.extend(value["ids"])
+                vectors.extend(value["vectors"])
+            else:
+                self.lists.setdefault(name, {})[key] = [tuple(x) for x in value["items"]]
+        self.index = None
+        if ids:
+            from stores.ann import AnnIndex
+            matrix = np.asarray(vectors, dtype=np.float32)
+            self.index = AnnIndex(matrix.shape[1], space="cosine", max_elements=len(ids))
+            self.index.upsert(ids, matrix)
 
 
 class SharedItemView:
-    """Implements :class:`models.funnel.ItemView` over the compacted topics."""
+    """Implements :class:`models.funnel.ItemView` over the shared topics."""
 
-    def __init__(self, bootstrap: str, topics=(TRENDING_SNAPSHOTS, ITEM_NEIGHBOURS),
-                 trending_ttl_s: float = 0.25):
+    def __init__(self, bootstrap: str, topics=SHARED_TOPICS, trending_ttl_s: float = 0.25):
         self.bootstrap = bootstrap
         self.topics = tuple(topics)
-        #: surface -> {partition key: snapshot}
+        #: surface -> {surface/partition: snapshot}; author -> {author/partition: snapshot}
         self._trending: dict[str, dict[str, dict]] = {}
-        self._neighbours: dict[str, list] = {}
+        self._authors: dict[str, dict[str, dict]] = {}
+        self._profiles: dict[str, dict] = {}
+        self._configs: dict[str, FunnelConfig] = {}
+        self._staging: dict[str, dict] = {}
+        self._manifests: dict[str, dict] = {}
+        self.pregen_batch: Optional[PregenBatch] = None
         #: surface -> (n, computed at, merged list); see trending().
         self._trending_cache: dict[str, tuple] = {}
         self.trending_ttl_s = trending_ttl_s
@@ -40,6 +77,7 @@ class SharedItemView:
         self._caught_up = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self.messages = 0
+        self.bad_messages = 0
         self.last_update = 0.0
 
     # -- ItemView ---------------------------------------------------------
@@ -56,12 +94,53 @@ class SharedItemView:
         return merged
 
     def neighbours(self, item: str):
-        return self._neighbours.get(item, [])
+        p = self._profiles.get(item)
+        return [tuple(x) for x in p["nbrs"]] if p else []
 
-    def trending_snapshot(self, key: str) -> Optional[dict]:
-        surface = key.split("/", 1)[0]
+    def author_of(self, item: str):
+        p = self._profiles.get(item)
+        return p.get("author") if p else None
+
+    def quality(self, item: str):
+        p = self._profiles.get(item)
+        return p.get("q") if p else None
+
+    def author_items(self, author: str):
         with self._lock:
-            return self._trending.get(surface, {}).get(key)
+            snaps = list(self._authors.get(author, {}).values())
+        if not snaps:
+            return []
+        return merge_snapshots(snaps, 50, max(s["ts"] for s in snaps))
+
+    def pregen(self, name: str, key: str):
+        batch = self.pregen_batch
+        return batch.lists.get(name, {}).get(key, []) if batch else []
+
+    def embedding(self, item: str):
+        batch = self.pregen_batch
+        return batch.index.vector(item) if batch and batch.index and item in batch.index else None
+
+    def similar(self, item: str, k: int):
+        batch = self.pregen_batch
+        if not batch or not batch.index or item not in batch.index:
+            return []
+        return batch.index.query_item(item, k)
+
+    def nearest(self, vector, k: int):
+        batch = self.pregen_batch
+        return batch.index.query(vector, k) if batch and batch.index else []
+
+    def funnel_config(self, surface: str) -> FunnelConfig:
+        return self._configs.get(surface, DEFAULT_CONFIG)
+
+    # -- what item_stats re-seeds its boards from after a restart ---------
+    def trending_snapshot(self, key: str) -> Optional[dict]:
+        with self._lock:
+            return self._trending.get(key.split("/", 1)[0], {}).get(key)
+
+    def author_snapshot(self, key: str) -> Optional[dict]:
+        with self._lock:
+            return self._authors.get(key.rsplit("/", 1)[0], {}).get(key)
 
     # -- lifecycle --------------------------------------------------------
     def start(self) -> "SharedItemView":
@@ -78,22 +157,57 @@ class SharedItemView:
             self._thread.join(timeout=5)
 
     def apply(self, topic: str, key: bytes, value: Optional[bytes]) -> None:
-        k = key.decode()
-        if topic == TRENDING_SNAPSHOTS:
-            surface = k.split("/", 1)[0]
+        """Apply one message; a malformed one is counted and skipped, never fatal."""
+        try:
+            self._apply(topic, key.decode(), None if value is None else orjson.loads(value))
+        except Exception as exc:  # a bad record must not stop the view for everyone
+            self.bad_messages += 1
+            log.warning("shared view skipped a bad %s record %r: %s", topic, key, exc)
+        self.messages += 1
+        self.last_update = time.time()
+
+    def _apply(self, topic: str, k: str, value) -> None:
+        if topic in (TRENDING_SNAPSHOTS, AUTHOR_ITEMS):
+            group = k.split("/", 1)[0] if topic == TRENDING_SNAPSHOTS else k.rsplit("/", 1)[0]
+            target = self._trending if topic == TRENDING_SNAPSHOTS else self._authors
             with self._lock:
-                by_part = self._trending.setdefault(surface, {})
+                by_part = target.setdefault(group, {})
                 if value is None:
                     by_part.pop(k, None)
                 else:
-                    by_part[k] = orjson.loads(value)
-        elif topic == ITEM_NEIGHBOURS:
+                    by_part[k] = value
+        elif topic == ITEM_PROFILES:
             if value is None:
-                self._neighbours.pop(k, None)
+                self._profiles.pop(k, None)
             else:
-                self._neighbours[k] = [tuple(x) for x in orjson.loads(value)["items"]]
-        self.messages += 1
-        self.last_update = time.time()
+                self._profiles[k] = value
+        elif topic == CONFIG:
+            if value is None:
+                self._configs.pop(k, None)
+            else:
+                self._configs[k] = FunnelConfig.from_dict(value)
+        elif topic == PREGEN:
+            self._apply_pregen(k, value)
+
+    def _apply_pregen(self, k: str, value) -> None:
+        version, rest = k.split("/", 1)
+        active = self.pregen_batch.version if self.pregen_batch else ""
+        # Tombstones only clean up old batches; versions are sortable timestamps.
+        if value is None or version <= active:
+            return
+        if rest == "manifest":
+            self._manifests[version] = value
+        else:
+            name, part_key = rest.split("/", 1)
+            self._staging.setdefault(version, {})[(name, part_key)] = value
+        manifest = self._manifests.get(version)
+        parts = self._staging.get(version, {})
+        if manifest is not None and len(parts) == manifest["parts"]:
+            self.pregen_batch = PregenBatch(version, parts, manifest.get("meta", {}))
+            log.info("pre-generated batch %s is live (%d parts)", version, len(parts))
+            for old in [v for v in list(self._staging) if v <= version]:
+                self._staging.pop(old, None)
+                self._manifests.pop(old, None)
 
     def _run(self) -> None:
         consumer = Consumer({
@@ -119,10 +233,8 @@ class SharedItemView:
             while not self._stop.is_set():
                 for msg in consumer.consume(500, timeout=0.1):
                     if msg.error():
-                        if msg.error().code() != KafkaError._PARTITION_EOF:
-                            continue
                         continue
-                    self.apply(msg.topic(), msg.key(), msg.value())
+                    self.apply(msg.topic(), msg.key() or b"", msg.value())
                     tp = (msg.topic(), msg.partition())
                     if tp in pending and msg.offset() >= high[tp] - 1:
                         pending.discard(tp)

@@ -110,6 +110,8 @@ def add_item_deltas(deltas: dict, history: UserHistory, ev) -> None:
     d = deltas.setdefault(ev.item_id, {"author": ev.author_id, "trend": {}, "co": {}})
     if ev.author_id is not None:
         d["author"] = ev.author_id
+    counts = d.setdefault("counts", {})
+    counts[ev.event_type] = counts.get(ev.event_type, 0) + 1
     d["trend"][ev.surface] = merge_score(d["trend"].get(ev.surface),
                                          event_weight(ev.event_type, ev.dwell_ms), ev.ts,
                                          settings.trending_half_life_s)

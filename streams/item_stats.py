@@ -1,10 +1,12 @@
 """Item-side state, owned by the item's partition and shared with every worker.
 
 Consumes ``item.deltas`` (bundles of per-item deltas, each on the partition
-that owns its items, see :func:`streams.ingest.bundle_by_partition`), keeps each item's trending scores
-and co-engagement neighbours in the ``item_stats`` table, and publishes the
-compact results every worker needs: per-partition trending snapshots to
-``trending.snapshots`` and each item's top neighbours to ``item.neighbours``.
+that owns its items, see :func:`streams.ingest.bundle_by_partition`), keeps
+each item's trending scores, quality counts and co-engagement neighbours in
+the ``item_stats`` table, and publishes what every worker needs, coalesced per
+interval: per-partition trending snapshots (``trending.snapshots``), each
+changed item's profile (``item.profiles``) and each author's best recent items
+per partition (``author.items``).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import time
 import orjson
 
 from models.coengagement import add_neighbours
-from models.trending import TrendingBoard, merge_score
+from models.trending import TrendingBoard, decayed, merge_score
 from schemas.deadletter import dead_letter
-from schemas.topics import EVENTS_DLQ, ITEM_DELTAS, ITEM_NEIGHBOURS, TRENDING_SNAPSHOTS
+from schemas.topics import AUTHOR_ITEMS, EVENTS_DLQ, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
 from streams import metrics
 from streams.app import app
 from streams.context import use_event
@@ -24,16 +26,21 @@ from streams.view import view
 
 item_deltas_topic = app.topic(ITEM_DELTAS)
 trending_topic = app.topic(TRENDING_SNAPSHOTS)
-neighbours_topic = app.topic(ITEM_NEIGHBOURS)
+profiles_topic = app.topic(ITEM_PROFILES)
+author_items_topic = app.topic(AUTHOR_ITEMS)
 dlq_topic = app.topic(EVENTS_DLQ)
 item_stats = app.Table("item_stats", default=None, partitions=settings.partitions)
 
 SNAPSHOT_SIZE = 500
+AUTHOR_ITEMS_SIZE = 50
 #: (surface, partition) -> board; in memory, re-seeded from the last snapshot.
 boards: dict[tuple[str, int], TrendingBoard] = {}
+#: (author, partition) -> board of the author's items by total engagement.
+author_boards: dict[tuple[str, int], TrendingBoard] = {}
 _dirty: set[tuple[str, int]] = set()
-#: item -> neighbours changed since the last publish.
-_dirty_neighbours: dict[str, dict] = {}
+_dirty_authors: set[tuple[str, int]] = set()
+#: item -> stats of items whose profile changed since the last publish.
+_dirty_profiles: dict[str, dict] = {}
 _last_publish = 0.0
 
 
@@ -76,11 +83,35 @@ def decode_bundle(raw: bytes):
     return bundle
 
 
+def author_board_for(author: str, partition: int) -> TrendingBoard:
+    key = (author, partition)
+    board = author_boards.get(key)
+    if board is None:
+        board = author_boards[key] = TrendingBoard(settings.trending_half_life_s,
+                                                   capacity=AUTHOR_ITEMS_SIZE)
+        last = view.author_snapshot(f"{author}/{partition}")
+        for item, score, _ in (last or {}).get("items", []):
+            board.set(item, [score, last["ts"]], author)
+    return board
+
+
+QUALITY_KEYS = {"like": "pos", "click": "pos", "save": "pos", "share": "pos", "comment": "pos",
+                "follow": "pos", "impression": "imp", "see_less": "see_less", "report": "report"}
+
+
 def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict, bool]:
-    """Merge one item delta into the item's stored stats; says if neighbours changed."""
+    """Merge one item delta into the item's stored stats; says if its profile changed."""
     stats = stats or {"author": None, "trend": {}, "nbrs": {}}
-    if delta.get("author") is not None:
+    author_changed = delta.get("author") is not None and delta["author"] != stats["author"]
+    if author_changed:
         stats["author"] = delta["author"]
+    counts = delta.get("counts") or {}
+    if counts:
+        q = stats.setdefault("q", {})
+        for event_type, n in counts.items():
+            key = QUALITY_KEYS.get(event_type)
+            if key is not None:
+                q[key] = q.get(key, 0) + n
     for surface, (score, ts) in delta.get("trend", {}).items():
         old = stats["trend"].get(surface)
         if old is None:
@@ -96,7 +127,7 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict
                 authors[other] = author
         kept = add_neighbours(weights, {k: v[0] for k, v in co.items()})
         stats["nbrs"] = {k: [w, authors.get(k)] for k, w in kept.items()}
-    return stats, bool(co)
+    return stats, bool(co) or bool(counts) or author_changed
 
 
 @app.agent(item_deltas_topic)
@@ -128,21 +159,42 @@ async def apply_batch(batch) -> None:
         use_event(event)
         partition = event.message.partition
         stats = item_stats.get(item)
-        nbrs_changed = False
+        profile_changed = False
         for delta in deltas:
             stats, changed = apply_delta(stats, delta, settings.trending_half_life_s)
-            nbrs_changed |= changed
+            profile_changed |= changed
             for surface in delta.get("trend", {}):
                 board_for(surface, partition).set(item, stats["trend"][surface], stats["author"])
                 _dirty.add((surface, partition))
         item_stats[item] = stats
-        if nbrs_changed:
-            _dirty_neighbours[item] = stats["nbrs"]
+        if profile_changed:
+            _dirty_profiles[item] = stats
+        if stats["author"] is not None and stats["trend"]:
+            author_board_for(stats["author"], partition).set(
+                item, total_score(stats["trend"], settings.trending_half_life_s), stats["author"])
+            _dirty_authors.add((stats["author"], partition))
     metrics.counters["item_deltas_applied"] += sum(len(d) for _, d in merged.values())
     now = time.time()
-    if (_dirty or _dirty_neighbours) and now - _last_publish >= settings.snapshot_interval_s:
+    if (_dirty or _dirty_profiles or _dirty_authors) and now - _last_publish >= settings.snapshot_interval_s:
         await publish_snapshots(now)
         _last_publish = now
+
+
+def total_score(trend: dict, half_life: float) -> list:
+    """An item's engagement over all surfaces as one ``[score, ts]``.
+
+    >>> total_score({"a": [1.0, 10.0], "b": [2.0, 10.0]}, 60.0)
+    [3.0, 10.0]
+    """
+    latest = max(ts for _, ts in trend.values())
+    return [sum(decayed(s, ts, latest, half_life) for s, ts in trend.values()), latest]
+
+
+def profile(stats: dict) -> dict:
+    """The compact, shared view of an item: author, quality counts, top neighbours."""
+    ranked = sorted(stats["nbrs"].items(), key=lambda kv: -kv[1][0])
+    return {"author": stats.get("author"), "q": stats.get("q", {}),
+            "nbrs": [[o, w, a] for o, (w, a) in ranked]}
 
 
 async def publish_snapshots(now: float) -> None:
@@ -153,18 +205,23 @@ async def publish_snapshots(now: float) -> None:
     """
     # Take the pending sets first: the timer and the agent may both publish, and
     # whatever is marked while we await sends belongs to the next round.
-    neighbours, boards_due = dict(_dirty_neighbours), sorted(_dirty)
-    _dirty_neighbours.clear()
+    profiles, boards_due = dict(_dirty_profiles), sorted(_dirty)
+    authors_due = sorted(_dirty_authors)
+    _dirty_profiles.clear()
     _dirty.clear()
-    for item, nbrs in neighbours.items():
-        ranked = sorted(nbrs.items(), key=lambda kv: -kv[1][0])
-        await neighbours_topic.send(
-            key=item.encode(), value=orjson.dumps({"items": [[o, w, a] for o, (w, a) in ranked]}))
+    _dirty_authors.clear()
+    for item, stats in profiles.items():
+        await profiles_topic.send(key=item.encode(), value=orjson.dumps(profile(stats)))
+    for author, partition in authors_due:
+        snap = author_boards[(author, partition)].snapshot(AUTHOR_ITEMS_SIZE, now)
+        await author_items_topic.send(key=f"{author}/{partition}".encode(),
+                                      value=orjson.dumps(snap), partition=0)
     for surface, partition in boards_due:
         snap = boards[(surface, partition)].snapshot(SNAPSHOT_SIZE, now)
         await trending_topic.send(key=f"{surface}/{partition}".encode(), value=orjson.dumps(snap),
                                   partition=0)
-    metrics.counters["neighbour_lists_published"] += len(neighbours)
+    metrics.counters["profiles_published"] += len(profiles)
+    metrics.counters["author_snapshots"] += len(authors_due)
     metrics.counters["trending_snapshots"] += len(boards_due)
 
 
@@ -172,7 +229,7 @@ async def publish_snapshots(now: float) -> None:
 async def flush_snapshots():
     """Publish boards that changed after the last batch's rate-limited publish."""
     global _last_publish
-    if _dirty or _dirty_neighbours:
+    if _dirty or _dirty_profiles or _dirty_authors:
         now = time.time()
         await publish_snapshots(now)
         _last_publish = now

@@ -71,7 +71,7 @@ async def serve_one(event) -> None:
         metrics.counters["requests_rerouted"] += 1
         return
     history = UserHistory.from_dict(user_history.get(req.user_id))
-    reply = recommend(req, history, view)
+    reply = recommend(req, history, view, config=view.funnel_config(req.surface))
     await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
                              partition=req.reply_partition)
     metrics.counters["requests_served"] += 1

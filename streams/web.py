@@ -9,5 +9,8 @@ from streams.view import view
 @app.page("/stats/")
 async def stats(web, request):
     snap = metrics.snapshot()
-    snap["shared_view"] = {"messages": view.messages, "last_update": view.last_update}
+    batch = view.pregen_batch
+    snap["shared_view"] = {"messages": view.messages, "bad_messages": view.bad_messages,
+                           "last_update": view.last_update,
+                           "pregen_version": batch.version if batch else None}
     return web.json(snap)

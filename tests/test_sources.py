@@ -360,10 +360,11 @@ def test_coengagement_only_looks_back_a_bounded_number_of_positives():
 def test_apply_delta_merges_trend_scores_with_decay():
     stats, changed = apply_delta(None, {"author": "A", "trend": {"explore": [2.0, T0]}, "co": {}},
                                  half_life=HL)
-    assert not changed
+    assert changed, "a new item's author is part of its published profile"
     assert stats == {"author": "A", "trend": {"explore": [2.0, T0]}, "nbrs": {}}
-    stats, _ = apply_delta(stats, {"author": None, "trend": {"explore": [2.0, T0 + HL],
-                                                            "home": [1.0, T0]}}, half_life=HL)
+    stats, changed = apply_delta(stats, {"author": None, "trend": {"explore": [2.0, T0 + HL],
+                                                                  "home": [1.0, T0]}}, half_life=HL)
+    assert not changed, "trend scores travel in trending snapshots, not in the profile"
     assert stats["author"] == "A"
     assert stats["trend"]["explore"] == [pytest.approx(3.0), T0 + HL]
     assert stats["trend"]["home"] == [1.0, T0]

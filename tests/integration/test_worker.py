@@ -108,7 +108,7 @@ def test_request_gets_a_correct_reply_within_its_deadline(kafka, worker):
     assert ids and "m0" not in ids, "an item the user already engaged with was served"
     assert len(ids) == len(set(ids))
     assert all(i.sources for i in reply.items)
-    assert "history" in {s for i in reply.items for s in i.sources}
+    assert "coengagement" in {s for i in reply.items for s in i.sources}
     authors = [i.author_id for i in reply.items]
     assert all(a != b for a, b in zip(authors, authors[1:]))
     assert reply.stage_counts["returned"] == len(ids)
