@@ -126,6 +126,22 @@ def cmd_recommend(args) -> int:
     return 0 if not reply.error else 1
 
 
+def cmd_pregen(args) -> int:
+    from streams.pregen import run
+    print(json.dumps(run(args.bootstrap or _settings().bootstrap, window_days=args.window_days,
+                         dim=args.dim, progress=not args.quiet)))
+    return 0
+
+
+def cmd_config(args) -> int:
+    import orjson
+    from streams.pregen import set_funnel_config
+    config = None if args.reset else orjson.loads(open(args.file, "rb").read())
+    set_funnel_config(args.bootstrap or _settings().bootstrap, args.surface, config)
+    print(f"funnel config for {args.surface!r} {'removed' if args.reset else 'published'}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streams.demo import run_demo
     return run_demo(args)
@@ -176,6 +192,21 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--bootstrap")
     rc.set_defaults(func=cmd_recommend)
 
+    pg = sub.add_parser("pregen", help="batch job: pre-generated sources and item embeddings")
+    pg.add_argument("--window-days", type=float, default=7.0)
+    pg.add_argument("--dim", type=int, default=32, help="item embedding size")
+    pg.add_argument("--bootstrap")
+    pg.add_argument("-q", "--quiet", action="store_true")
+    pg.set_defaults(func=cmd_pregen)
+
+    cf = sub.add_parser("config", help="set a surface's funnel (sources, fetch, weights) live")
+    cf.add_argument("--surface", required=True)
+    group = cf.add_mutually_exclusive_group(required=True)
+    group.add_argument("--file", help='JSON: {"sources": {"trending": {"weight": 1, "fetch": 300}}}')
+    group.add_argument("--reset", action="store_true", help="back to the built-in default")
+    cf.add_argument("--bootstrap")
+    cf.set_defaults(func=cmd_config)
+
     d = sub.add_parser("demo", help="broker + topics + worker + replay + sample recommendations")
     d.add_argument("--limit", type=int, default=0, help="ratings to replay (0 = all 100k)")
     d.add_argument("--users", default="1,42,500", help="users to show recommendations for")
@@ -191,7 +222,7 @@ def main(argv=None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ConnectionError, FileNotFoundError, RuntimeError, TimeoutError) as exc:
+    except (ConnectionError, FileNotFoundError, RuntimeError, TimeoutError, ValueError) as exc:
         print(f"streamrec {args.command}: {exc}", file=sys.stderr)
         return 1
 
