@@ -37,6 +37,7 @@ class ItemView(Protocol):
     def author_items(self, author: str) -> list[Scored]: ...
     def author_of(self, item: str) -> Optional[str]: ...
     def quality(self, item: str) -> Optional[dict]: ...
+    def first_seen(self, item: str) -> Optional[float]: ...
     def embedding(self, item: str) -> Optional[np.ndarray]: ...
     def similar(self, item: str, k: int) -> list[tuple[str, float]]: ...
     def nearest(self, vector: np.ndarray, k: int) -> list[tuple[str, float]]: ...
@@ -73,6 +74,9 @@ class StaticItemView:
 
     def quality(self, item):
         return self.qualities.get(item)
+
+    def first_seen(self, item):
+        return None
 
     def embedding(self, item):
         return self.embeddings.get(item)
@@ -259,7 +263,8 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
     def reply(items: list[Candidate], fallback_reason: Optional[str] = None) -> RecommendationReply:
         ranked = [RankedItem(c.item_id, round(c.score, 6),
                              tuple(sorted(c.sources, key=lambda s: -c.sources[s])), c.author_id,
-                             dict(c.why) or None)
+                             dict(c.why) or None,
+                             {s: round(v, 4) for s, v in c.sources.items()})
                   for c in items]
         counts["returned"] = len(ranked)
         return RecommendationReply(

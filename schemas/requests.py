@@ -54,6 +54,8 @@ class RankedItem:
     author_id: Optional[str] = None
     #: source name -> why that source proposed the item.
     why: Optional[dict] = None
+    #: source name -> that source's normalised score (0..1) for the item.
+    source_scores: Optional[dict] = None
 
 
 @dataclass(slots=True)
@@ -120,6 +122,6 @@ def decode_reply(raw: bytes) -> RecommendationReply:
     d = orjson.loads(raw)
     d["items"] = [RankedItem(item_id=i["item_id"], score=i["score"],
                              sources=tuple(i.get("sources", ())), author_id=i.get("author_id"),
-                             why=i.get("why"))
+                             why=i.get("why"), source_scores=i.get("source_scores"))
                   for i in d.get("items", [])]
     return RecommendationReply(**d)

@@ -23,6 +23,8 @@ ITEM_PROFILES = "item.profiles"
 AUTHOR_ITEMS = "author.items"
 PREGEN = "pregen.sources"
 CONFIG = "config.funnel"
+LABEL_TICKS = "labels.ticks"
+TRAINING_EXAMPLES = "training.examples"
 
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
@@ -70,8 +72,13 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
         TopicSpec(PREGEN, 1, "version/name/key", "pre-generated sources, then a manifest (JSON)",
                   compact=True),
         TopicSpec(CONFIG, 1, "surface", "funnel config per surface (JSON)", compact=True),
+        TopicSpec(LABEL_TICKS, p, "partition", "clock ticks that close label windows", HOUR_MS),
+        # One partition: one trainer sees every example, in order.
+        TopicSpec(TRAINING_EXAMPLES, 1, "user_id", "[labelled example] (JSON)", 7 * DAY_MS),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
                   compact=True),
+        TopicSpec(changelog_name(app_id, "pending_labels"), p, "user_id",
+                  "impressions waiting for engagements (JSON)", compact=True),
         TopicSpec(changelog_name(app_id, "item_stats"), p, "item_id", "item stats (JSON)",
                   compact=True),
     ]

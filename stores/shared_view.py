@@ -105,6 +105,10 @@ class SharedItemView:
         p = self._profiles.get(item)
         return p.get("q") if p else None
 
+    def first_seen(self, item: str):
+        p = self._profiles.get(item)
+        return p.get("first") if p else None
+
     def author_items(self, author: str):
         with self._lock:
             snaps = list(self._authors.get(author, {}).values())

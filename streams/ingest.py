@@ -15,15 +15,16 @@ import orjson
 
 from models.coengagement import coengagement_pairs
 from models.history import UserHistory
+from models.labels import PendingLabels
 from models.trending import event_weight, merge_score
 from schemas.deadletter import dead_letter
 from schemas.events import POSITIVE_TYPES, SchemaError, parse_events
 from schemas.topics import EVENTS, EVENTS_DLQ, ITEM_DELTAS, partition_for
-from streams import metrics
+from streams import labels, metrics
 from streams.app import app
 from streams.context import use_event
 from streams.settings import settings
-from streams.tables import user_history
+from streams.tables import pending_labels, user_history
 
 events_topic = app.topic(EVENTS)
 dlq_topic = app.topic(EVENTS_DLQ)
@@ -71,20 +72,28 @@ async def ingest_batch(batch) -> None:
                 continue
             by_user.setdefault(ev.user_id, (event, []))[1].append(ev)
     deltas: dict[str, dict] = {}
+    examples: list[dict] = []
     for user, (event, evs) in by_user.items():
         use_event(event)
+        partition = event.message.partition
         history = UserHistory.from_dict(user_history.get(user))
+        pending = PendingLabels(pending_labels.get(user), settings.label_window_s)
         fresh = 0
         for ev in sorted(evs, key=lambda e: e.ts):
             if history.is_duplicate(ev.event_id):
                 metrics.counters["duplicates_dropped"] += 1
                 continue
+            labels.label_event(pending, history, ev, now)
+            labels.advance_watermark(partition, ev.ts)
             add_item_deltas(deltas, history, ev)
             history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
             fresh += 1
         user_history[user] = history.to_dict()
+        if fresh:
+            examples.extend(labels.close_due(user, pending, partition, now))
         metrics.counters["events_ingested"] += len(evs)
         metrics.counters["events_applied"] += fresh
+    await labels.send_examples(examples)
     # One bundle per item partition instead of one message per item: Kafka's
     # per-message cost, not the arithmetic, bounds ingest (bench/ingest.py).
     for partition, bundle in bundle_by_partition(deltas, settings.partitions).items():

@@ -113,6 +113,8 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict
             if key is not None:
                 q[key] = q.get(key, 0) + n
     for surface, (score, ts) in delta.get("trend", {}).items():
+        if ts < stats.get("first", float("inf")):
+            stats["first"] = ts  # when the item was first engaged with: its age
         old = stats["trend"].get(surface)
         if old is None:
             stats["trend"][surface] = [score, ts]
@@ -193,7 +195,7 @@ def total_score(trend: dict, half_life: float) -> list:
 def profile(stats: dict) -> dict:
     """The compact, shared view of an item: author, quality counts, top neighbours."""
     ranked = sorted(stats["nbrs"].items(), key=lambda kv: -kv[1][0])
-    return {"author": stats.get("author"), "q": stats.get("q", {}),
+    return {"author": stats.get("author"), "q": stats.get("q", {}), "first": stats.get("first"),
             "nbrs": [[o, w, a] for o, (w, a) in ranked]}
 
 

@@ -79,16 +79,27 @@ def load_authors(path: Path) -> dict[int, str]:
 
 
 def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
-              time_scale: float) -> Iterator[EngagementEvent]:
-    """Events whose times keep the dataset's gaps divided by ``time_scale``, ending at ``end_at``."""
+              time_scale: float, impressions: bool = False) -> Iterator[EngagementEvent]:
+    """Events whose times keep the dataset's gaps divided by ``time_scale``, ending at ``end_at``.
+
+    With ``impressions``, each rating is preceded by an ``impression`` of the
+    same item, so the label join has impressions to attach engagements to.
+    MovieLens logged only rated items, so every impression here is engaged.
+    """
     if not ratings:
         return
     last = ratings[-1].ts
     for r in ratings:
+        ts = end_at - (last - r.ts) / time_scale
+        if impressions:
+            yield EngagementEvent(
+                event_id=f"ml100k-{r.user}-{r.item}-imp", user_id=str(r.user),
+                item_id=str(r.item), event_type="impression", surface=SURFACE, ts=ts,
+                author_id=authors.get(r.item))
         yield EngagementEvent(
             event_id=f"ml100k-{r.user}-{r.item}", user_id=str(r.user), item_id=str(r.item),
             event_type=rating_event_type(r.rating), surface=SURFACE,
-            ts=end_at - (last - r.ts) / time_scale, author_id=authors.get(r.item))
+            ts=ts, author_id=authors.get(r.item))
 
 
 def replay(producer, events: list[EngagementEvent], *, speed: float = 0.0,

@@ -17,7 +17,7 @@ from schemas.deadletter import dead_letter
 from schemas.events import SchemaError, decode_json
 from schemas.requests import RecommendationReply, parse_request
 from schemas.topics import EVENTS_DLQ, REPLIES, REQUESTS, partition_for
-from streams import metrics
+from streams import labels, metrics
 from streams.app import app
 from streams.tables import user_history
 from streams.settings import settings
@@ -72,6 +72,7 @@ async def serve_one(event) -> None:
         return
     history = UserHistory.from_dict(user_history.get(req.user_id))
     reply = recommend(req, history, view, config=view.funnel_config(req.surface))
+    labels.remember_served(req.request_id, reply.items)
     await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
                              partition=req.reply_partition)
     metrics.counters["requests_served"] += 1

@@ -36,6 +36,11 @@ class Settings:
     ingest_within_s: float = field(default_factory=lambda: float(_env("INGEST_WITHIN_S", "0.05")))
     trending_half_life_s: float = field(
         default_factory=lambda: float(_env("TRENDING_HALF_LIFE_S", "3600")))
+    #: Label join: engagements count for an impression this long after it (event time)...
+    label_window_s: float = field(default_factory=lambda: float(_env("LABEL_WINDOW_S", "1800")))
+    #: ...and an impression waits at most this long (wall clock) on a quiet partition.
+    label_wall_window_s: float = field(
+        default_factory=lambda: float(_env("LABEL_WALL_WINDOW_S", "120")))
     #: How often each partition republishes its trending snapshot.
     snapshot_interval_s: float = field(
         default_factory=lambda: float(_env("SNAPSHOT_INTERVAL_S", "0.5")))

@@ -361,7 +361,7 @@ def test_apply_delta_merges_trend_scores_with_decay():
     stats, changed = apply_delta(None, {"author": "A", "trend": {"explore": [2.0, T0]}, "co": {}},
                                  half_life=HL)
     assert changed, "a new item's author is part of its published profile"
-    assert stats == {"author": "A", "trend": {"explore": [2.0, T0]}, "nbrs": {}}
+    assert stats == {"author": "A", "trend": {"explore": [2.0, T0]}, "nbrs": {}, "first": T0}
     stats, changed = apply_delta(stats, {"author": None, "trend": {"explore": [2.0, T0 + HL],
                                                                   "home": [1.0, T0]}}, half_life=HL)
     assert not changed, "trend scores travel in trending snapshots, not in the profile"

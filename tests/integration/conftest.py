@@ -39,7 +39,9 @@ def worker_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def worker(kafka, worker_dir):
     from streams.local import WorkerProcess
-    w = WorkerProcess(kafka, worker_dir, web_port=WEB_PORT).start()
+    # Short label windows so the label-join test does not wait minutes.
+    w = WorkerProcess(kafka, worker_dir, web_port=WEB_PORT,
+                      env={"STREAMREC_LABEL_WALL_WINDOW_S": "2"}).start()
     yield w
     w.stop()
 
