@@ -177,24 +177,32 @@ def blend(results: dict[str, list], weights: dict[str, float]) -> list[Candidate
     ...        {"a": 1.0, "b": 1.0})]
     [('y', 1.5, ['a', 'b']), ('x', 1.0, ['a'])]
     """
-    merged: dict[str, Candidate] = {}
+    # Plain dicts in the loop: this runs over every retrieved hit of every request.
+    score: dict[str, float] = {}
+    sources: dict[str, dict] = {}
+    why: dict[str, dict] = {}
+    authors: dict[str, Optional[str]] = {}
     for name, scored in results.items():
         if not scored:
             continue
         top = max(hit[1] for hit in scored)
         scale = 1.0 / top if top > 0 else 0.0
+        weight = weights.get(name, 0.0)
         for hit in scored:
-            item, s, author = hit[0], hit[1], hit[2]
-            norm = s * scale
-            cand = merged.get(item)
-            if cand is None:
-                cand = merged[item] = Candidate(item, 0.0, author, {})
-            cand.score += weights.get(name, 0.0) * norm
-            cand.sources[name] = norm
+            item = hit[0]
+            norm = hit[1] * scale
+            if item in score:
+                score[item] += weight * norm
+                sources[item][name] = norm
+            else:
+                score[item] = weight * norm
+                sources[item] = {name: norm}
+                why[item] = {}
             if len(hit) > 3 and hit[3]:
-                cand.why[name] = hit[3]
-            if cand.author_id is None:
-                cand.author_id = author
+                why[item][name] = hit[3]
+            if authors.get(item) is None:
+                authors[item] = hit[2]
+    merged = {i: Candidate(i, s, authors[i], sources[i], why[i]) for i, s in score.items()}
     return sorted(merged.values(), key=lambda c: (-c.score, c.item_id))
 
 

@@ -27,7 +27,8 @@ ATTRIBUTION_WINDOW_S = 1800.0
 WALL_WINDOW_S = 120.0
 #: Engagements may carry a timestamp slightly before their impression's (clock skew).
 SKEW_S = 5.0
-MAX_PENDING = 1000
+#: Open impressions kept per user; past this the oldest closes early (bounded state).
+MAX_PENDING = 200
 
 
 def heads_for(event_type: str, dwell_ms: Optional[int] = None) -> tuple[str, ...]:
@@ -49,6 +50,10 @@ class PendingLabels:
     def __init__(self, pending: Optional[dict] = None, window_s: float = ATTRIBUTION_WINDOW_S):
         self.pending: dict[str, dict] = dict(pending or {})
         self.window_s = window_s
+        # item -> keys of its open impressions, so an engagement finds them at once.
+        self._by_item: dict[str, list[str]] = {}
+        for key, rec in self.pending.items():
+            self._by_item.setdefault(rec["item_id"], []).append(key)
 
     def impression(self, item: str, request_id: Optional[str], *, ts: float, arrived: float,
                    features: dict) -> None:
@@ -57,8 +62,9 @@ class PendingLabels:
             return  # a repeated impression of the same item in the same request
         self.pending[key] = {"item_id": item, "request_id": request_id, "ts": ts,
                              "arrived": arrived, "labels": {}, **features}
+        self._by_item.setdefault(item, []).append(key)
         if len(self.pending) > MAX_PENDING:
-            # Bounded memory: the oldest impression is closed early by the caller's next due().
+            # Bounded state: the oldest impression is closed early by the caller's next due().
             oldest = min(self.pending, key=lambda k: self.pending[k]["ts"])
             self.pending[oldest]["force"] = True
 
@@ -69,8 +75,9 @@ class PendingLabels:
         if not heads:
             return False
         best = None
-        for key, rec in self.pending.items():
-            if rec["item_id"] != item or (request_id and rec["request_id"] != request_id):
+        for key in self._by_item.get(item, ()):
+            rec = self.pending.get(key)
+            if rec is None or (request_id and rec["request_id"] != request_id):
                 continue
             if rec["ts"] - SKEW_S <= ts <= rec["ts"] + self.window_s:
                 if best is None or rec["ts"] > self.pending[best]["ts"]:
@@ -90,6 +97,7 @@ class PendingLabels:
             if (rec.get("force") or watermark >= rec["ts"] + window_s
                     or now >= rec["arrived"] + wall_window_s):
                 rec = self.pending.pop(key)
+                self._by_item[rec["item_id"]].remove(key)
                 rec.pop("force", None)
                 rec.pop("arrived", None)
                 rec["labels"] = {h: int(rec["labels"].get(h, 0)) for h in HEADS}

@@ -40,6 +40,15 @@ class RetrievalContext:
     seeds: int = 10
 
 
+def _padded(fetch: int, ctx: "RetrievalContext") -> int:
+    """How many to ask an index for so that ``fetch`` survive the exclusions.
+
+    Capped at twice ``fetch``: a heavy user's long seen-list must not turn every
+    lookup into a scan of the catalogue.
+    """
+    return fetch + min(len(ctx.excluded), fetch)
+
+
 def _top(scores: dict, authors: dict, why: dict, fetch: int) -> list[Hit]:
     ranked = sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))[:fetch]
     return [Hit(i, s, authors.get(i), why.get(i, "")) for i, s in ranked]
@@ -47,7 +56,7 @@ def _top(scores: dict, authors: dict, why: dict, fetch: int) -> list[Hit]:
 
 def trending_source(ctx: RetrievalContext, fetch: int) -> list[Hit]:
     """Most engaged-with recently on this surface (time-decayed, event-weighted)."""
-    found = ctx.view.trending(ctx.surface, fetch + len(ctx.excluded), ctx.now)
+    found = ctx.view.trending(ctx.surface, _padded(fetch, ctx), ctx.now)
     return [Hit(i, s, a, f"trending on {ctx.surface}")
             for i, s, a in found if i not in ctx.excluded][:fetch]
 
@@ -121,7 +130,7 @@ def history_source(ctx: RetrievalContext, fetch: int) -> list[Hit]:
     authors: dict = {}
     why: dict = {}
     for seed, weight in seeds:
-        for item, sim in ctx.view.similar(seed, per_seed + len(ctx.excluded)):
+        for item, sim in ctx.view.similar(seed, _padded(per_seed, ctx)):
             if item in ctx.excluded or item == seed:
                 continue
             score = weight * sim
@@ -147,7 +156,7 @@ def embedding_source(ctx: RetrievalContext, fetch: int) -> list[Hit]:
     vector = user_vector(ctx)
     if vector is None:
         return []
-    found = ctx.view.nearest(vector, fetch + len(ctx.excluded))
+    found = ctx.view.nearest(vector, _padded(fetch, ctx))
     return [Hit(i, s, ctx.view.author_of(i), "close to your taste profile")
             for i, s in found if i not in ctx.excluded][:fetch]
 

@@ -96,7 +96,7 @@ def cmd_replay(args) -> int:
     if args.limit:
         ratings = ratings[:args.limit]
     events = list(to_events(ratings, load_authors(path), end_at=time.time(),
-                            time_scale=args.time_scale))
+                            time_scale=args.time_scale, impressions=not args.no_impressions))
     with EventProducer(bootstrap) as producer:
         summary = replay(producer, events, speed=args.speed, progress=not args.quiet)
     print(json.dumps(summary))
@@ -108,8 +108,11 @@ def print_reply(reply) -> None:
     print(f"user {reply.user_id} on {reply.surface}: {len(reply.items)} items "
           f"({tag}, server {reply.server_latency_ms:.1f} ms, stages {reply.stage_counts})")
     for rank, item in enumerate(reply.items, 1):
-        print(f"  {rank:2d}. item {item.item_id:>6s}  score {item.score:7.3f}  "
-              f"author {item.author_id or '-':18s} via {', '.join(item.sources)}")
+        reasons = item.why or {}
+        why = next((reasons[s] for s in item.sources if s in reasons), "")
+        print(f"  {rank:2d}. item {item.item_id:>6s}  score {item.score:6.3f}  "
+              f"author {item.author_id or '-':18s} via {', '.join(item.sources)}"
+              + (f"  ({why})" if why else ""))
 
 
 def cmd_recommend(args) -> int:
@@ -179,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pace by event time x SPEED; 0 = as fast as possible")
     r.add_argument("--time-scale", type=float, default=5000.0,
                    help="divide the dataset's time gaps by this (5000: 7 months -> ~1 hour)")
+    r.add_argument("--no-impressions", action="store_true",
+                   help="send only the rating's engagement, no impression before it")
     r.add_argument("--bootstrap")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_replay)

@@ -27,8 +27,11 @@ def run_demo(args) -> int:
     broker.start(port=port)
     print("2/5 topics:", create_topics(settings.bootstrap, catalogue(settings.partitions,
                                                                      settings.app_id)))
+    # The replay squeezes seven months into an hour of event time, so the label
+    # join's attribution window is squeezed alike (5 s here ~ 7 hours of ratings).
     worker = WorkerProcess(settings.bootstrap, settings.data_dir, web_port=settings.web_port,
-                           log_file=home() / "demo-worker.log")
+                           log_file=home() / "demo-worker.log",
+                           env={"STREAMREC_LABEL_WINDOW_S": "5"})
     print(f"3/5 worker: starting (log: {worker.log_file})")
     worker.start()
     try:
@@ -36,8 +39,9 @@ def run_demo(args) -> int:
         if args.limit:
             ratings = ratings[:args.limit]
         events = list(to_events(ratings, load_authors(path), end_at=time.time(),
-                                time_scale=5000.0))
-        print(f"4/5 replay: {len(events)} MovieLens ratings as events")
+                                time_scale=5000.0, impressions=True))
+        print(f"4/5 replay: {len(ratings)} MovieLens ratings as {len(events)} events "
+              f"(an impression, then the rating's engagement)")
         before = worker.counter("events_ingested")
         with EventProducer(settings.bootstrap) as producer:
             summary = replay(producer, events)
@@ -47,7 +51,18 @@ def run_demo(args) -> int:
         time.sleep(1.5)  # let the last trending snapshot be published
         print(f"    worker: {stats.get('events_applied', 0)} new events applied, "
               f"{stats.get('duplicates_dropped', 0)} duplicates dropped (replayed before), "
-              f"{stats.get('dead_letters', 0)} dead letters")
+              f"{stats.get('dead_letters', 0)} dead letters, "
+              f"{stats.get('training_examples', 0)} labelled examples")
+        from streams.pregen import run as pregen
+        print("    pre-generating long-term sources and item embeddings (streamrec pregen)")
+        batch = pregen(settings.bootstrap, progress=True)
+        print(f"    batch {batch['version']}: {batch['parts']} parts from {batch['events']} events "
+              f"in {batch['seconds']} s")
+        deadline = time.time() + 60
+        while worker.stats()["shared_view"].get("pregen_version") != batch["version"]:
+            if time.time() > deadline:
+                raise TimeoutError("the worker did not load the pre-generated batch in 60 s")
+            time.sleep(0.5)
         print("5/5 recommendations:")
         with RecommendationClient(settings.bootstrap) as client:
             for user in args.users.split(","):

@@ -63,7 +63,7 @@ class WorkerProcess:
             return b"Worker ready" in f.read()
 
     def stats(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/stats/", timeout=2) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.web_port}/stats/", timeout=10) as r:
             return orjson.loads(r.read())
 
     def counter(self, name: str) -> int:
