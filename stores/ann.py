@@ -215,6 +215,8 @@ class AnnIndex:
     # -- inspection ------------------------------------------------------
     def __len__(self) -> int:
         """Live items (deleted ones do not count)."""
+        # No lock: _search calls this while holding the (non-reentrant) read
+        # lock; from outside it is a snapshot that may lag a concurrent write.
         return len(self._labels) - len(self._deleted)
 
     def __contains__(self, item_id: object) -> bool:
@@ -483,7 +485,9 @@ class AnnIndex:
             expected = (int(meta["index_bytes"]), int(meta["index_crc32"]))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptIndexError(f"unreadable ANN sidecar {side}: {exc}") from exc
-        if not deleted <= set(labels.values()) or any(l >= next_label for l in labels.values()):
+        used = set(labels.values())
+        if (len(used) != len(labels) or not deleted <= used
+                or any(label >= next_label for label in used)):
             raise CorruptIndexError(f"inconsistent ANN sidecar {side}")
         path = folder / name
         if not path.is_file():
