@@ -1,0 +1,264 @@
+"""Training examples and the tensors the learned models read.
+
+An :class:`Example` is one impression and what followed it, together with the
+features serving could see at that moment (so training and serving read the
+same inputs).  It travels as JSON on a Kafka topic (:meth:`Example.to_dict`).
+:func:`collate` hashes ids and turns a list of examples into a :class:`Batch`.
+
+>>> ex = Example("u1", "i1", "a1", "explore", ts=1.0, labels=labels_from_events(["like"], None),
+...              user_recent=["i0"], user_authors={"a1": 2})
+>>> batch = collate([ex], FeatureConfig(hash_size=1024))
+>>> batch.size, batch.labels[0, HEADS.index("like")].item(), batch.interaction[0, 1].item()
+(1, 1.0, 1.0)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+from models.sources import SOURCES
+
+HEADS = ("click", "like", "save", "share", "comment", "follow", "see_less", "long_dwell")
+#: A view at least this long counts as a long dwell.
+LONG_DWELL_MS = 10_000
+#: Positive engagements remembered per user (``Example.user_recent``).
+MAX_RECENT = 20
+#: Retrieval sources whose scores the ranker reads, in a fixed order.
+SOURCE_NAMES = tuple(SOURCES)
+
+ITEM_SIDE = ("log_pos", "log_imp", "log_see_less", "log_report", "pos_rate", "see_less_rate",
+             "report_rate", "log_age_h")
+POSITION = ("log_position", "position_known")
+INTERACTION = ("log_author_count", "author_known", "author_share", "log_user_positives",
+               "log_recent") + tuple(f"source:{s}" for s in SOURCE_NAMES) + ("tower_dot",)
+#: Column of the two-tower dot product in ``Batch.interaction``.
+TOWER_DOT = len(INTERACTION) - 1
+
+
+@dataclass
+class Example:
+    """One impression and what followed, plus the serving-time features.
+
+    ``labels`` maps head -> 0/1; a head missing from it has no label for this
+    example (the data cannot tell) and is masked out of the loss.
+    """
+    user_id: str
+    item_id: str
+    author_id: Optional[str]
+    surface: str
+    ts: float
+    position: Optional[int] = None
+    labels: dict = field(default_factory=dict)
+    #: The user's last <= MAX_RECENT positive items before this impression, oldest first.
+    user_recent: list = field(default_factory=list)
+    #: Author -> how many of the user's positives were on that author's items.
+    user_authors: dict = field(default_factory=dict)
+    #: The item's counters so far: pos, imp, see_less, report.
+    item_counts: dict = field(default_factory=dict)
+    #: Seconds since the item's first event (0 if unknown).
+    item_age_s: float = 0.0
+    #: Retrieval source -> normalised score (empty if the item was not retrieved).
+    source_scores: dict = field(default_factory=dict)
+    #: The request that showed the item; groups items for first-stage distillation.
+    request_id: Optional[str] = None
+
+    def to_dict(self) -> dict:
+        """A JSON-safe dict (see :meth:`from_dict`).
+
+        >>> Example.from_dict(Example("u", "i", None, "home", 2.0).to_dict()).surface
+        'home'
+        """
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Example":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown example fields: {sorted(unknown)}")
+        bad = set(d.get("labels") or {}) - set(HEADS)
+        if bad:
+            raise ValueError(f"unknown heads in labels: {sorted(bad)}")
+        return cls(
+            user_id=str(d["user_id"]), item_id=str(d["item_id"]),
+            author_id=None if d.get("author_id") is None else str(d["author_id"]),
+            surface=str(d["surface"]), ts=float(d["ts"]),
+            position=None if d.get("position") is None else int(d["position"]),
+            labels={k: int(v) for k, v in (d.get("labels") or {}).items()},
+            user_recent=[str(i) for i in d.get("user_recent") or []][-MAX_RECENT:],
+            user_authors={str(k): int(v) for k, v in (d.get("user_authors") or {}).items()},
+            item_counts={str(k): int(v) for k, v in (d.get("item_counts") or {}).items()},
+            item_age_s=float(d.get("item_age_s") or 0.0),
+            source_scores={str(k): float(v) for k, v in (d.get("source_scores") or {}).items()},
+            request_id=None if d.get("request_id") is None else str(d["request_id"]))
+
+
+def labels_from_events(event_types: Iterable[str], dwell_ms: Optional[int]) -> dict[str, int]:
+    """Every head's label from the events that followed one impression.
+
+    A head is 1 when its event happened (``click`` means an explicit click);
+    ``long_dwell`` when the longest dwell reached :data:`LONG_DWELL_MS`.
+
+    >>> labels_from_events(["impression", "click", "like"], 12_000)
+    {'click': 1, 'like': 1, 'save': 0, 'share': 0, 'comment': 0, 'follow': 0, 'see_less': 0, 'long_dwell': 1}
+    """
+    seen = set(event_types)
+    labels = {head: int(head in seen) for head in HEADS}
+    labels["long_dwell"] = int(dwell_ms is not None and dwell_ms >= LONG_DWELL_MS)
+    return labels
+
+
+def hash_id(value: str, size: int, salt: str) -> int:
+    """A bucket in ``[0, size)`` for ``value``, the same in every process and run.
+
+    The salt keeps features apart: a user and an item with the same id land
+    in unrelated buckets.
+
+    >>> hash_id("42", 1000, "item") == hash_id("42", 1000, "item")
+    True
+    >>> 0 <= hash_id("42", 1000, "user") < 1000
+    True
+    """
+    digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8, person=salt.encode("utf-8")[:16])
+    return int.from_bytes(digest.digest(), "little") % size
+
+
+class CollisionCounter:
+    """How many distinct ids share a hash bucket, per feature.
+
+    >>> c = CollisionCounter()
+    >>> for v, b in [("x", 1), ("y", 1), ("z", 2), ("x", 1)]:
+    ...     c.add("item", v, b)
+    >>> c.report()["item"]
+    {'ids': 3, 'buckets': 2, 'collisions': 1, 'ids_sharing_share': 0.6667}
+    """
+
+    def __init__(self):
+        self._ids: dict[str, dict[str, int]] = {}
+
+    def add(self, feature: str, value: str, bucket: int) -> None:
+        self._ids.setdefault(feature, {})[value] = bucket
+
+    def observe(self, feature: str, value: str, size: int, salt: Optional[str] = None) -> int:
+        """Hash ``value`` (salt defaults to the feature name), remember it, return its bucket."""
+        bucket = hash_id(value, size, feature if salt is None else salt)
+        self.add(feature, value, bucket)
+        return bucket
+
+    def report(self) -> dict:
+        """Per feature: ids seen, buckets used, ids beyond one per bucket, and the
+        share of ids that share their bucket with another id."""
+        out = {}
+        for feature, ids in self._ids.items():
+            per_bucket: dict[int, int] = {}
+            for bucket in ids.values():
+                per_bucket[bucket] = per_bucket.get(bucket, 0) + 1
+            sharing = sum(n for n in per_bucket.values() if n > 1)
+            out[feature] = {"ids": len(ids), "buckets": len(per_bucket),
+                            "collisions": len(ids) - len(per_bucket),
+                            "ids_sharing_share": round(sharing / len(ids), 4) if ids else 0.0}
+        return out
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Hash table sizes.  Model configs carry the same fields, so either may be
+    passed to :func:`collate`."""
+    hash_size: int = 2 ** 16
+    author_size: int = 2 ** 12
+    surface_size: int = 64
+
+
+@dataclass
+class Batch:
+    """Tensors for a list of examples (B rows)."""
+    user_ids: torch.Tensor        # [B] long
+    item_ids: torch.Tensor        # [B] long
+    author_ids: torch.Tensor      # [B] long
+    surface_ids: torch.Tensor     # [B] long
+    recent_ids: torch.Tensor      # [N] long, all rows' recent items concatenated
+    recent_offsets: torch.Tensor  # [B] long, where each row's recent items start
+    item_side: torch.Tensor       # [B, len(ITEM_SIDE)]
+    position: torch.Tensor        # [B, len(POSITION)]
+    interaction: torch.Tensor     # [B, len(INTERACTION)]; last column is the tower dot
+    labels: torch.Tensor          # [B, len(HEADS)]
+    label_mask: torch.Tensor      # [B, len(HEADS)]; 1 where the label is known
+    request_ids: list = field(default_factory=list)
+    surfaces: list = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    def with_tower_dot(self, dots: torch.Tensor) -> "Batch":
+        """A copy whose interaction features hold the two-tower dot products."""
+        interaction = self.interaction.clone()
+        interaction[:, TOWER_DOT] = dots.detach().to(interaction.dtype)
+        return Batch(**{**self.__dict__, "interaction": interaction})
+
+
+def rate(hits: float, trials: float, prior: float = 0.1, strength: float = 10.0) -> float:
+    """A smoothed ratio: pulls little-seen items towards ``prior``.
+
+    >>> rate(0, 0), round(rate(50, 100), 3)
+    (0.1, 0.464)
+    """
+    return (hits + prior * strength) / (trials + strength)
+
+
+def item_side_features(counts: dict, age_s: float) -> list[float]:
+    pos, imp = counts.get("pos", 0), counts.get("imp", 0)
+    see_less, report = counts.get("see_less", 0), counts.get("report", 0)
+    # Engagements can arrive without a logged impression; never let a rate exceed 1.
+    trials = max(imp, pos + see_less + report)
+    return [math.log1p(pos), math.log1p(imp), math.log1p(see_less), math.log1p(report),
+            rate(pos, trials, 0.3), rate(see_less, trials, 0.05), rate(report, trials, 0.01),
+            math.log1p(max(age_s, 0.0) / 3600.0)]
+
+
+def interaction_features(ex: Example) -> list[float]:
+    """What neither tower can compute alone: the user's affinity for this author,
+    how retrieval scored the item; the tower dot is filled in later (0 here)."""
+    author_count = ex.user_authors.get(ex.author_id, 0) if ex.author_id is not None else 0
+    total = sum(ex.user_authors.values())
+    return ([math.log1p(author_count), float(author_count > 0),
+             author_count / total if total else 0.0, math.log1p(total),
+             math.log1p(len(ex.user_recent))]
+            + [float(ex.source_scores.get(s, 0.0)) for s in SOURCE_NAMES] + [0.0])
+
+
+def collate(examples: Sequence[Example], config) -> Batch:
+    """Hash and stack ``examples``; ``config`` is a :class:`FeatureConfig` or any
+    model config with ``hash_size``, ``author_size`` and ``surface_size``."""
+    if not examples:
+        raise ValueError("cannot collate an empty list of examples")
+    hs = config.hash_size
+    recent, offsets = [], []
+    labels, mask = [], []
+    for ex in examples:
+        offsets.append(len(recent))
+        # Same salt as item ids, so a recent item and a candidate share a bucket space.
+        recent.extend(hash_id(i, hs, "item") for i in ex.user_recent[-MAX_RECENT:])
+        labels.append([float(ex.labels.get(h, 0)) for h in HEADS])
+        mask.append([float(h in ex.labels) for h in HEADS])
+    long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
+    return Batch(
+        user_ids=long([hash_id(e.user_id, hs, "user") for e in examples]),
+        item_ids=long([hash_id(e.item_id, hs, "item") for e in examples]),
+        author_ids=long([hash_id(e.author_id or "", config.author_size, "author")
+                         for e in examples]),
+        surface_ids=long([hash_id(e.surface, config.surface_size, "surface") for e in examples]),
+        recent_ids=long(recent), recent_offsets=long(offsets),
+        item_side=torch.tensor([item_side_features(e.item_counts, e.item_age_s)
+                                for e in examples], dtype=torch.float32),
+        position=torch.tensor([[math.log1p(e.position or 0), float(e.position is not None)]
+                               for e in examples], dtype=torch.float32),
+        interaction=torch.tensor([interaction_features(e) for e in examples],
+                                 dtype=torch.float32),
+        labels=torch.tensor(labels, dtype=torch.float32),
+        label_mask=torch.tensor(mask, dtype=torch.float32),
+        request_ids=[e.request_id for e in examples], surfaces=[e.surface for e in examples])
