@@ -26,7 +26,7 @@ from models.sources import SOURCES, Hit, RetrievalContext
 from schemas.requests import RankedItem, RecommendationReply, RecommendationRequest
 
 Scored = tuple[str, float, Optional[str]]  # (item, score, author)
-MODEL_VERSIONS = {"ranker": "blend-v1"}
+BLEND_VERSION = {"ranker": "blend-v1"}
 
 
 class ItemView(Protocol):
@@ -127,6 +127,8 @@ class FunnelConfig:
     reserve_s: float = 0.002
     #: Longest run of consecutive items by one author in a reply.
     max_author_run: int = 1
+    #: Value model weights (head -> weight) for this surface; None = built-in default.
+    value_weights: Optional[dict] = None
 
     @classmethod
     def from_dict(cls, d: dict) -> "FunnelConfig":
@@ -135,7 +137,8 @@ class FunnelConfig:
         >>> FunnelConfig.from_dict({"sources": {"trending": {"weight": 1, "fetch": 50}}}).sources
         {'trending': SourceSpec(weight=1.0, fetch=50)}
         """
-        unknown = set(d) - {"sources", "seeds", "max_author_run", "min_budget_s", "reserve_s"}
+        unknown = set(d) - {"sources", "seeds", "max_author_run", "min_budget_s", "reserve_s",
+                            "value_weights"}
         if unknown:
             raise ValueError(f"unknown funnel settings: {sorted(unknown)}")
         sources = {}
@@ -148,7 +151,11 @@ class FunnelConfig:
             sources[name] = SourceSpec(weight, fetch)
         if not sources:
             raise ValueError("a funnel needs at least one source")
-        return cls(sources=sources, seeds=int(d.get("seeds", 10)),
+        value_weights = None
+        if d.get("value_weights") is not None:
+            from models.value import ValueWeights
+            value_weights = ValueWeights.from_dict(d["value_weights"]).weights
+        return cls(sources=sources, seeds=int(d.get("seeds", 10)), value_weights=value_weights,
                    max_author_run=int(d.get("max_author_run", 1)),
                    min_budget_s=float(d.get("min_budget_s", 0.005)),
                    reserve_s=float(d.get("reserve_s", 0.002)))
@@ -206,9 +213,14 @@ def blend(results: dict[str, list], weights: dict[str, float]) -> list[Candidate
     return sorted(merged.values(), key=lambda c: (-c.score, c.item_id))
 
 
-def rank(candidates: list[Candidate]) -> list[Candidate]:
-    """First and second stage. Today: blended retrieval score (already sorted)."""
-    return candidates
+def rank(candidates: list[Candidate], ctx=None, request_id: str = "", scorer=None,
+         value_weights: Optional[dict] = None) -> tuple[list[Candidate], list, dict]:
+    """First and second stage: the learned scorer when a model is live, otherwise the
+    blended retrieval score (the cold-start path).  Returns (ranked, predictions, counts)."""
+    if scorer is None:
+        return candidates, [], {}
+    from models.value import weights_for
+    return scorer.rank(ctx, request_id, candidates, value_weights or weights_for(ctx.surface))
 
 
 def rerank(ranked: list[Candidate], k: int, max_author_run: int = 1) -> list[Candidate]:
@@ -263,10 +275,16 @@ def fallback_items(req: RecommendationRequest, history: UserHistory, view: ItemV
 
 def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, *,
               clock: Callable[[], float] = time.time,
-              config: FunnelConfig = DEFAULT_CONFIG) -> RecommendationReply:
-    """Answer one request; serve the fallback when the deadline leaves no room."""
+              config: FunnelConfig = DEFAULT_CONFIG, scorer=None,
+              predictions: Optional[list] = None) -> RecommendationReply:
+    """Answer one request; serve the fallback when the deadline leaves no room.
+
+    With a ``scorer`` (a live model) the learned stages rank; their head
+    probabilities are appended to ``predictions`` for logging.
+    """
     start = clock()
     counts: dict[str, int] = {}
+    versions = dict(BLEND_VERSION)
 
     def reply(items: list[Candidate], fallback_reason: Optional[str] = None) -> RecommendationReply:
         ranked = [RankedItem(c.item_id, round(c.score, 6),
@@ -277,7 +295,7 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
         counts["returned"] = len(ranked)
         return RecommendationReply(
             request_id=req.request_id, user_id=req.user_id, surface=req.surface, items=ranked,
-            model_versions=dict(MODEL_VERSIONS), fallback=fallback_reason is not None,
+            model_versions=versions, fallback=fallback_reason is not None,
             fallback_reason=fallback_reason, stage_counts=dict(counts),
             server_latency_ms=round((clock() - start) * 1000.0, 3))
 
@@ -287,7 +305,7 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
     region = req.context.get("region") if isinstance(req.context.get("region"), str) else None
     ctx = RetrievalContext(req.surface, history, view, start,
                            excluded=history.excluded() | set(req.exclude), region=region,
-                           seeds=config.seeds)
+                           seeds=config.seeds, user_id=req.user_id)
     results: dict[str, list[Hit]] = {}
     retrieved: set[str] = set()
     for name, spec in config.sources.items():
@@ -300,6 +318,15 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
     candidates = blend(results, {n: s.weight for n, s in config.sources.items()})
     candidates = [c for c in candidates if not is_objectionable(view.quality(c.item_id))]
     counts["after_filters"] = len(candidates)
-    ranked = rank(candidates)
+    if scorer is not None:
+        if clock() > req.deadline - config.reserve_s:
+            return reply(fallback_items(req, history, view, start, config),
+                         "deadline reached before ranking")
+        versions = {"ranker": f"{scorer.model}:{scorer.version}"}
+    ranked, logged, stage_counts = rank(candidates, ctx, req.request_id, scorer,
+                                        config.value_weights)
+    counts.update(stage_counts)
     counts["ranked"] = len(ranked)
+    if predictions is not None:
+        predictions.extend(logged)
     return reply(rerank(ranked, req.k, config.max_author_run))

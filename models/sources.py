@@ -38,6 +38,7 @@ class RetrievalContext:
     excluded: set = field(default_factory=set)
     region: Optional[str] = None
     seeds: int = 10
+    user_id: str = ""
 
 
 def _padded(fetch: int, ctx: "RetrievalContext") -> int:
@@ -140,10 +141,13 @@ def history_source(ctx: RetrievalContext, fetch: int) -> list[Hit]:
     return _top(scores, authors, why, fetch)
 
 
-def user_vector(ctx: RetrievalContext, limit: int = 20) -> Optional[np.ndarray]:
-    """The mean embedding of the user's recent positives (a taste profile)."""
-    vectors = [v for v in (ctx.view.embedding(i)
-                           for i in ctx.history.recent_positive_items(limit)) if v is not None]
+def user_vector(ctx: RetrievalContext) -> Optional[np.ndarray]:
+    """The mean embedding of the user's good recent seeds (a taste profile).
+
+    The same seed rules as the other history sources: nothing older than the
+    window, nothing many users reported.
+    """
+    vectors = [v for v in (ctx.view.embedding(i) for i, _ in good_seeds(ctx)) if v is not None]
     if not vectors:
         return None
     mean = np.mean(vectors, axis=0)

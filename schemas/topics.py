@@ -24,6 +24,9 @@ AUTHOR_ITEMS = "author.items"
 PREGEN = "pregen.sources"
 CONFIG = "config.funnel"
 LABEL_TICKS = "labels.ticks"
+MODEL_WEIGHTS = "models.weights"
+MODEL_REGISTRY = "models.registry"
+PREDICTIONS = "predictions"
 TRAINING_EXAMPLES = "training.examples"
 
 HOUR_MS = 3600 * 1000
@@ -75,6 +78,10 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
         TopicSpec(LABEL_TICKS, p, "partition", "clock ticks that close label windows", HOUR_MS),
         # One partition: one trainer sees every example, in order.
         TopicSpec(TRAINING_EXAMPLES, 1, "user_id", "[labelled example] (JSON)", 7 * DAY_MS),
+        TopicSpec(MODEL_WEIGHTS, 1, "model/version/part", "weight chunks, then a manifest",
+                  compact=True),
+        TopicSpec(MODEL_REGISTRY, 1, "model/version", "model version record (JSON)", compact=True),
+        TopicSpec(PREDICTIONS, p, "user_id", "served predictions per request (JSON)", 7 * DAY_MS),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
                   compact=True),
         TopicSpec(changelog_name(app_id, "pending_labels"), p, "user_id",

@@ -27,10 +27,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from models.funnel import DEFAULT_CONFIG, FunnelConfig
 from models.trending import merge_snapshots
-from schemas.topics import AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, PREGEN, TRENDING_SNAPSHOTS
+from schemas.topics import (AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, MODEL_REGISTRY, MODEL_WEIGHTS,
+                            PREGEN, TRENDING_SNAPSHOTS)
+from stores.model_store import WeightAssembler, trainer_from_bytes
 
 log = logging.getLogger(__name__)
-SHARED_TOPICS = (TRENDING_SNAPSHOTS, ITEM_PROFILES, AUTHOR_ITEMS, PREGEN, CONFIG)
+SHARED_TOPICS = (TRENDING_SNAPSHOTS, ITEM_PROFILES, AUTHOR_ITEMS, PREGEN, CONFIG, MODEL_WEIGHTS,
+                 MODEL_REGISTRY)
 
 
 class PregenBatch:
@@ -69,6 +72,13 @@ class SharedItemView:
         self._staging: dict[str, dict] = {}
         self._manifests: dict[str, dict] = {}
         self.pregen_batch: Optional[PregenBatch] = None
+        self._weights = WeightAssembler()
+        #: (model, version) -> frozen Trainer, for every version whose weights are here.
+        self.models: dict[tuple[str, str], object] = {}
+        #: model/version -> registry record (the newest record per key).
+        self.registry: dict[str, dict] = {}
+        #: The scorer serving uses: the registry's live version, if its weights are here.
+        self.scorer = None
         #: surface -> (n, computed at, merged list); see trending().
         self._trending_cache: dict[str, tuple] = {}
         self.trending_ttl_s = trending_ttl_s
@@ -163,7 +173,10 @@ class SharedItemView:
     def apply(self, topic: str, key: bytes, value: Optional[bytes]) -> None:
         """Apply one message; a malformed one is counted and skipped, never fatal."""
         try:
-            self._apply(topic, key.decode(), None if value is None else orjson.loads(value))
+            if topic == MODEL_WEIGHTS:
+                self.apply_weights(key.decode(), value)
+            else:
+                self._apply(topic, key.decode(), None if value is None else orjson.loads(value))
         except Exception as exc:  # a bad record must not stop the view for everyone
             self.bad_messages += 1
             log.warning("shared view skipped a bad %s record %r: %s", topic, key, exc)
@@ -192,6 +205,41 @@ class SharedItemView:
                 self._configs[k] = FunnelConfig.from_dict(value)
         elif topic == PREGEN:
             self._apply_pregen(k, value)
+        elif topic == MODEL_REGISTRY:
+            if value is None:
+                self.registry.pop(k, None)
+            else:
+                self.registry[k] = value
+            self._choose_live_model()
+
+    def apply_weights(self, key: str, value: Optional[bytes]) -> None:
+        """``model/version/part-N`` chunks and ``model/version/manifest`` (raw bytes)."""
+        model, version, part = key.split("/", 2)
+        if value is None:
+            self.models.pop((model, version), None)
+            self._weights.forget(model, version)
+            return
+        if part == "manifest":
+            blob = self._weights.add_manifest(model, version, orjson.loads(value))
+        else:
+            blob = self._weights.add_part(model, version, int(part.split("-")[1]), value)
+        if blob is not None:
+            self.models[(model, version)] = trainer_from_bytes(blob)
+            log.info("model %s version %s loaded (%d bytes)", model, version, len(blob))
+            self._choose_live_model()
+
+    def _choose_live_model(self) -> None:
+        """Serve the newest version the registry marks live whose weights have arrived."""
+        from models.scoring import ModelScorer
+        live = sorted((r["version"], r["model"]) for r in self.registry.values()
+                      if r.get("state") == "live" and (r["model"], r["version"]) in self.models)
+        if not live:
+            self.scorer = None
+            return
+        version, model = live[-1]
+        if self.scorer is None or (self.scorer.model, self.scorer.version) != (model, version):
+            # A new scorer per version: its cached item vectors die with the old one.
+            self.scorer = ModelScorer(self.models[(model, version)], model, version)
 
     def _apply_pregen(self, k: str, value) -> None:
         version, rest = k.split("/", 1)

@@ -145,6 +145,40 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from streams.trainer import bootstrap
+    record = bootstrap(args.bootstrap or _settings().bootstrap, epochs=args.epochs,
+                       progress=not args.quiet)
+    print(json.dumps(record))
+    return 0
+
+
+def cmd_models(args) -> int:
+    from stores import model_store
+    bootstrap = args.bootstrap or _settings().bootstrap
+    records = sorted(model_store.read_registry(bootstrap).values(), key=lambda r: r["version"])
+    if args.action == "list":
+        for r in records:
+            lineage = r.get("lineage", {})
+            print(f"{r['model']:8s} {r['version']:24s} {r['state']:10s} {r.get('tier', '-'):6s} "
+                  f"parent={r.get('parent') or '-':24s} examples={lineage.get('examples_seen', 0)} "
+                  f"owner={r.get('owner', '-')}")
+        return 0
+    live = [r for r in records if r["state"] == "live"]
+    if args.action == "rollback":
+        if len(live) < 2:
+            raise RuntimeError("nothing to roll back to: fewer than two live versions")
+        new = model_store.set_state(bootstrap, live[-1], "rolled_back")
+        print(f"{new['model']} {new['version']} rolled back; serving {live[-2]['version']}")
+    elif args.action == "promote":
+        match = [r for r in records if r["version"] == args.version]
+        if not match:
+            raise RuntimeError(f"no version {args.version!r} in the registry")
+        new = model_store.set_state(bootstrap, match[0], "live")
+        print(f"{new['model']} {new['version']} is live")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streams.demo import run_demo
     return run_demo(args)
@@ -211,6 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--reset", action="store_true", help="back to the built-in default")
     cf.add_argument("--bootstrap")
     cf.set_defaults(func=cmd_config)
+
+    tr = sub.add_parser("train", help="bootstrap: train initial weights from recorded examples")
+    tr.add_argument("--epochs", type=int, default=2)
+    tr.add_argument("--bootstrap")
+    tr.add_argument("-q", "--quiet", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    md = sub.add_parser("models", help="the model registry: list, promote, rollback")
+    md.add_argument("action", choices=["list", "promote", "rollback"])
+    md.add_argument("--version", help="with promote: the version to make live")
+    md.add_argument("--bootstrap")
+    md.set_defaults(func=cmd_models)
 
     d = sub.add_parser("demo", help="broker + topics + worker + replay + sample recommendations")
     d.add_argument("--limit", type=int, default=0, help="ratings to replay (0 = all 100k)")

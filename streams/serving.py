@@ -16,7 +16,8 @@ from models.history import UserHistory
 from schemas.deadletter import dead_letter
 from schemas.events import SchemaError, decode_json
 from schemas.requests import RecommendationReply, parse_request
-from schemas.topics import EVENTS_DLQ, REPLIES, REQUESTS, partition_for
+from models.features import HEADS
+from schemas.topics import EVENTS_DLQ, PREDICTIONS, REPLIES, REQUESTS, partition_for
 from streams import labels, metrics
 from streams.app import app
 from streams.tables import user_history
@@ -26,6 +27,7 @@ from streams.view import view
 requests_topic = app.topic(REQUESTS)
 replies_topic = app.topic(REPLIES)
 dlq_topic = app.topic(EVENTS_DLQ)
+predictions_topic = app.topic(PREDICTIONS)
 
 
 @app.agent(requests_topic)
@@ -71,8 +73,16 @@ async def serve_one(event) -> None:
         metrics.counters["requests_rerouted"] += 1
         return
     history = UserHistory.from_dict(user_history.get(req.user_id))
-    reply = recommend(req, history, view, config=view.funnel_config(req.surface))
+    predictions: list = []
+    reply = recommend(req, history, view, config=view.funnel_config(req.surface),
+                      scorer=view.scorer, predictions=predictions)
     labels.remember_served(req.request_id, reply.items)
+    if predictions:
+        # One message per request: the heads' probabilities of every item the model scored.
+        await predictions_topic.send(key=req.user_id.encode(), value=orjson.dumps({
+            "request_id": req.request_id, "user_id": req.user_id, "surface": req.surface,
+            "model": reply.model_versions["ranker"], "ts": received,
+            "heads": list(HEADS), "items": predictions}))
     await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
                              partition=req.reply_partition)
     metrics.counters["requests_served"] += 1

@@ -41,6 +41,12 @@ class Settings:
     #: ...and an impression waits at most this long (wall clock) on a quiet partition.
     label_wall_window_s: float = field(
         default_factory=lambda: float(_env("LABEL_WALL_WINDOW_S", "120")))
+    #: Online training: examples per optimiser step, seconds between published versions.
+    train_batch: int = field(default_factory=lambda: int(_env("TRAIN_BATCH", "256")))
+    publish_interval_s: float = field(
+        default_factory=lambda: float(_env("PUBLISH_INTERVAL_S", "60")))
+    model_tier: str = field(default_factory=lambda: _env("MODEL_TIER", "TIER2"))
+    model_owner: str = field(default_factory=lambda: _env("MODEL_OWNER", "streamrec-online-trainer"))
     #: How often each partition republishes its trending snapshot.
     snapshot_interval_s: float = field(
         default_factory=lambda: float(_env("SNAPSHOT_INTERVAL_S", "0.5")))

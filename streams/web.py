@@ -12,5 +12,8 @@ async def stats(web, request):
     batch = view.pregen_batch
     snap["shared_view"] = {"messages": view.messages, "bad_messages": view.bad_messages,
                            "last_update": view.last_update,
-                           "pregen_version": batch.version if batch else None}
+                           "pregen_version": batch.version if batch else None,
+                           "live_model": (f"{view.scorer.model}:{view.scorer.version}"
+                                          if view.scorer else None),
+                           "model_versions_loaded": sorted(f"{m}:{v}" for m, v in view.models)}
     return web.json(snap)

@@ -1,0 +1,91 @@
+"""Learned ranking stages for the funnel: two-tower first stage, MTML + value second.
+
+A :class:`ModelScorer` wraps one frozen model version.  It caches item tower
+vectors for its version (a new version gets a new scorer, so the cache is
+invalidated by construction) and turns candidates into examples with the same
+features the label join records at impression time.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+
+from models.features import HEADS, Example
+from models.value import value_scores
+
+FIRST_STAGE_K = 100
+SECOND_STAGE_K = 50
+
+
+def user_authors(history) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for _, _, author in history.positives:
+        if author is not None:
+            counts[author] = counts.get(author, 0) + 1
+    return counts
+
+
+class ModelScorer:
+    def __init__(self, trainer, model: str, version: str, *, first_stage_k: int = FIRST_STAGE_K,
+                 second_stage_k: int = SECOND_STAGE_K):
+        self.trainer = trainer
+        self.model = model
+        self.version = version
+        self.first_stage_k = first_stage_k
+        self.second_stage_k = second_stage_k
+        self._item_vectors: dict[str, np.ndarray] = {}
+
+    def examples(self, ctx, request_id: str, candidates) -> list[Example]:
+        recent = ctx.history.recent_positive_items(20)
+        authors = user_authors(ctx.history)
+        out = []
+        for c in candidates:
+            first = ctx.view.first_seen(c.item_id)
+            # Position 0: where an item lands is decided after scoring.
+            out.append(Example(
+                user_id=ctx.user_id, item_id=c.item_id, author_id=c.author_id,
+                surface=ctx.surface, ts=ctx.now, position=0, user_recent=recent,
+                user_authors=authors, item_counts=dict(ctx.view.quality(c.item_id) or {}),
+                item_age_s=max(0.0, ctx.now - first) if first else 0.0,
+                source_scores=dict(c.sources), request_id=request_id))
+        return out
+
+    def item_vectors(self, examples: list[Example]) -> np.ndarray:
+        missing = [e for e in examples if e.item_id not in self._item_vectors]
+        if missing:
+            for e, v in zip(missing, self.trainer.item_vectors(missing)):
+                self._item_vectors[e.item_id] = v
+        return np.stack([self._item_vectors[e.item_id] for e in examples])
+
+    def rank(self, ctx, request_id: str, candidates, weights: dict) -> tuple[list, list, dict]:
+        """Order candidates by value; returns (ranked, predictions to log, stage counts)."""
+        if not candidates:
+            return [], [], {}
+        examples = self.examples(ctx, request_id, candidates)
+        user = self.trainer.user_vectors(examples[:1])[0]
+        dots = self.item_vectors(examples) @ user
+        first = np.argsort(-dots, kind="stable")[:self.first_stage_k]
+        second = first[:self.second_stage_k]
+        probs = self.trainer.predict([examples[i] for i in second])
+        values = value_scores(probs, weights)
+        order = np.argsort(-values, kind="stable")
+        ranked = []
+        for j in order:
+            cand = candidates[second[j]]
+            cand.score = float(values[j])
+            ranked.append(cand)
+        # Items the second stage did not score keep their first-stage order, after it.
+        ranked.extend(candidates[i] for i in first[self.second_stage_k:])
+        predictions = [[candidates[second[j]].item_id, "second",
+                        [round(float(p), 5) for p in probs[j]]] for j in range(len(second))]
+        counts = {"first_stage": int(len(first)), "second_stage": int(len(second))}
+        return ranked, predictions, counts
+
+
+def head_probabilities(row) -> dict[str, float]:
+    return dict(zip(HEADS, (float(p) for p in row)))
+
+
+def scorer_or_none(view) -> Optional[ModelScorer]:
+    return getattr(view, "scorer", None)

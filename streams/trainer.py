@@ -1,0 +1,142 @@
+"""Continuous online fine-tuning: learn from every labelled batch, publish versions.
+
+``training.examples`` has one partition, so exactly one worker trains.  It
+resumes from the newest live version whose weights every worker already has
+(or starts fresh: serving uses the blended retrieval scores until the first
+version is live), takes one optimiser step per mini-batch, and every
+``STREAMREC_PUBLISH_INTERVAL_S`` publishes a new version: weights to
+``models.weights``, a registry record (parent, lineage, metrics) to
+``models.registry``.  Workers swap to it atomically when it has fully arrived.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+
+from models.features import Example
+from schemas.topics import TRAINING_EXAMPLES
+from stores import model_store
+from streams import metrics
+from streams.app import app
+from streams.settings import settings
+from streams.view import view
+
+MODEL = "ranker"
+examples_topic = app.topic(TRAINING_EXAMPLES)
+# One thread: torch work must not block the event loop, and steps must stay in order.
+_executor = ThreadPoolExecutor(1, thread_name_prefix="trainer")
+state = {"trainer": None, "parent": None, "last_publish": 0.0, "offsets": {}, "losses": {},
+         "since_publish": 0}
+
+
+def _resume_or_start():
+    import torch
+    from models.training import Trainer
+    torch.set_num_threads(1)  # leave the other core to serving and ingest
+    live = view.scorer
+    if live is not None:
+        for record in view.registry.values():
+            if (record["model"], record["version"]) == (live.model, live.version):
+                blob = model_store.serving_bytes(live.trainer)
+                return model_store.trainer_from_bytes(blob, frozen=False), live.version
+    return Trainer(), None
+
+
+def _fit(examples: list) -> dict:
+    trainer = state["trainer"]
+    losses = {}
+    for start in range(0, len(examples), settings.train_batch):
+        losses = trainer.fit(examples[start:start + settings.train_batch])
+    return losses
+
+
+def _publish() -> dict:
+    trainer = state["trainer"]
+    version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{trainer.step:07d}"
+    record = {
+        "model": MODEL, "version": version, "parent": state["parent"], "tier": settings.model_tier,
+        "owner": settings.model_owner, "state": "live", "created": time.time(),
+        "lineage": {"source_topic": TRAINING_EXAMPLES, "offsets": dict(state["offsets"]),
+                    "examples_seen": trainer.examples_seen, "step": trainer.step,
+                    "trained_on": socket.gethostname()},
+        "metrics": {k: round(v, 5) for k, v in state["losses"].items()},
+        "history": [[time.time(), "live"]],
+    }
+    model_store.publish(settings.bootstrap, MODEL, version, model_store.serving_bytes(trainer),
+                        record)
+    state["parent"] = version
+    return record
+
+
+@app.agent(examples_topic)
+async def train(stream):
+    loop = asyncio.get_running_loop()
+    async for batch in stream.take_events(50, within=1.0):
+        try:
+            if state["trainer"] is None:
+                state["trainer"], state["parent"] = await loop.run_in_executor(
+                    _executor, _resume_or_start)
+            examples = []
+            for event in batch:
+                for d in orjson.loads(event.value):
+                    try:
+                        examples.append(Example.from_dict(d))
+                    except (KeyError, TypeError, ValueError):
+                        metrics.counters["bad_training_examples"] += 1
+                state["offsets"][event.message.partition] = event.message.offset
+            if not examples:
+                continue
+            state["losses"] = await loop.run_in_executor(_executor, _fit, examples)
+            state["since_publish"] += len(examples)
+            metrics.counters["examples_trained"] += len(examples)
+            now = time.time()
+            if now - state["last_publish"] >= settings.publish_interval_s:
+                record = await loop.run_in_executor(_executor, _publish)
+                state["last_publish"], state["since_publish"] = now, 0
+                metrics.counters["model_versions_published"] += 1
+                app.logger.info("published %s %s after %d examples", MODEL, record["version"],
+                                record["lineage"]["examples_seen"])
+        except Exception:
+            # Training must never take serving down with it.
+            metrics.counters["trainer_errors"] += 1
+            app.logger.exception("training on a batch of %d messages failed", len(batch))
+
+
+def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True) -> dict:
+    """Train initial weights from every recorded example, then publish them live."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from models.training import Trainer
+    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "streamrec-bootstrap",
+                         "enable.auto.commit": False})
+    tp = TopicPartition(TRAINING_EXAMPLES, 0)
+    low, high = consumer.get_watermark_offsets(tp, timeout=10)
+    examples = []
+    if high > low:
+        consumer.assign([TopicPartition(TRAINING_EXAMPLES, 0, OFFSET_BEGINNING)])
+        done = False
+        while not done:
+            for msg in consumer.consume(500, timeout=1.0):
+                if msg.error():
+                    continue
+                done = msg.offset() >= high - 1
+                examples.extend(Example.from_dict(d) for d in orjson.loads(msg.value()))
+    consumer.close()
+    if not examples:
+        raise RuntimeError("no labelled examples in 'training.examples' yet: replay events first")
+    trainer = Trainer()
+    losses = trainer.pretrain(examples, epochs=epochs, progress=progress)
+    version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{trainer.step:07d}"
+    record = {"model": MODEL, "version": version, "parent": None, "tier": settings.model_tier,
+              "owner": settings.model_owner, "state": "live", "created": time.time(),
+              "lineage": {"source_topic": TRAINING_EXAMPLES, "offsets": {"0": high - 1},
+                          "examples_seen": trainer.examples_seen, "step": trainer.step,
+                          "bootstrap_epochs": epochs},
+              "metrics": {"epoch_losses": [round(x, 5) for x in losses]},
+              "history": [[time.time(), "live"]]}
+    model_store.publish(bootstrap_servers, MODEL, version, model_store.serving_bytes(trainer),
+                        record)
+    return record
