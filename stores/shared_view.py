@@ -79,6 +79,9 @@ class SharedItemView:
         self.registry: dict[str, dict] = {}
         #: The scorer serving uses: the registry's live version, if its weights are here.
         self.scorer = None
+        #: Item tower vectors of the live version (see refresh_tower_index).
+        self.tower_index = None
+        self.tower_refreshed = 0
         #: surface -> (n, computed at, merged list); see trending().
         self._trending_cache: dict[str, tuple] = {}
         self.trending_ttl_s = trending_ttl_s
@@ -131,18 +134,20 @@ class SharedItemView:
         return batch.lists.get(name, {}).get(key, []) if batch else []
 
     def embedding(self, item: str):
-        batch = self.pregen_batch
-        return batch.index.vector(item) if batch and batch.index and item in batch.index else None
+        index = self._embedding_index()
+        return index.vector(item) if index is not None and item in index else None
 
     def similar(self, item: str, k: int):
-        batch = self.pregen_batch
-        if not batch or not batch.index or item not in batch.index:
+        index = self._embedding_index()
+        if index is None or item not in index:
             return []
-        return batch.index.query_item(item, k)
+        return index.query_item(item, k)
 
     def nearest(self, vector, k: int):
-        batch = self.pregen_batch
-        return batch.index.query(vector, k) if batch and batch.index else []
+        index = self._embedding_index()
+        if index is None or len(vector) != index.config.dim:
+            return []
+        return index.query(vector, k)
 
     def funnel_config(self, surface: str) -> FunnelConfig:
         return self._configs.get(surface, DEFAULT_CONFIG)
@@ -239,7 +244,53 @@ class SharedItemView:
         version, model = live[-1]
         if self.scorer is None or (self.scorer.model, self.scorer.version) != (model, version):
             # A new scorer per version: its cached item vectors die with the old one.
-            self.scorer = ModelScorer(self.models[(model, version)], model, version)
+            scorer = ModelScorer(self.models[(model, version)], model, version)
+            self.refresh_tower_index(scorer)
+            self.scorer = scorer
+
+    def refresh_tower_index(self, scorer, min_change: float = 1e-3) -> int:
+        """Put the new version's item-tower vectors into the tower ANN index.
+
+        Only items whose vector moved (cosine distance above ``min_change``)
+        are re-embedded, so a fine-tuning step that barely touched an item
+        costs nothing.  Returns how many items were upserted.
+        """
+        from models.features import Example
+        from stores.ann import AnnIndex
+        now = time.time()
+        items = [(i, p) for i, p in list(self._profiles.items())]
+        if not items:
+            return 0
+        examples = [Example(user_id="", item_id=i, author_id=p.get("author"), surface="explore",
+                            ts=now, item_counts=dict(p.get("q") or {}),
+                            item_age_s=max(0.0, now - p["first"]) if p.get("first") else 0.0)
+                    for i, p in items]
+        vectors = np.concatenate([scorer.trainer.item_vectors(examples[s:s + 1024])
+                                  for s in range(0, len(examples), 1024)]).astype(np.float32)
+        index = self.tower_index
+        if index is None or index.config.dim != vectors.shape[1]:
+            index = AnnIndex(vectors.shape[1], space="cosine", max_elements=len(items))
+        changed_ids, changed_vecs = [], []
+        for (item, _), vec in zip(items, vectors):
+            old = index.vector(item) if item in index else None
+            if old is None or 1.0 - float(old @ vec) / (
+                    float(np.linalg.norm(old) * np.linalg.norm(vec)) or 1.0) > min_change:
+                changed_ids.append(item)
+                changed_vecs.append(vec)
+        if changed_ids:
+            index.upsert(changed_ids, np.stack(changed_vecs))
+        self.tower_index = index
+        self.tower_refreshed = len(changed_ids)
+        log.info("tower index: %d of %d item vectors refreshed for %s", len(changed_ids),
+                 len(items), scorer.version)
+        return len(changed_ids)
+
+    def _embedding_index(self):
+        """Item tower vectors once a model is live; the pre-generated ones before that."""
+        if self.tower_index is not None and len(self.tower_index):
+            return self.tower_index
+        batch = self.pregen_batch
+        return batch.index if batch else None
 
     def _apply_pregen(self, k: str, value) -> None:
         version, rest = k.split("/", 1)

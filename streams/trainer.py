@@ -87,7 +87,7 @@ async def train(stream):
                         examples.append(Example.from_dict(d))
                     except (KeyError, TypeError, ValueError):
                         metrics.counters["bad_training_examples"] += 1
-                state["offsets"][event.message.partition] = event.message.offset
+                state["offsets"][str(event.message.partition)] = event.message.offset
             if not examples:
                 continue
             state["losses"] = await loop.run_in_executor(_executor, _fit, examples)

@@ -15,5 +15,7 @@ async def stats(web, request):
                            "pregen_version": batch.version if batch else None,
                            "live_model": (f"{view.scorer.model}:{view.scorer.version}"
                                           if view.scorer else None),
-                           "model_versions_loaded": sorted(f"{m}:{v}" for m, v in view.models)}
+                           "model_versions_loaded": sorted(f"{m}:{v}" for m, v in view.models),
+                           "tower_index_items": len(view.tower_index) if view.tower_index else 0,
+                           "tower_vectors_refreshed": view.tower_refreshed}
     return web.json(snap)

@@ -53,6 +53,10 @@ def test_bootstrap_swap_predictions_and_rollback(kafka, worker):
     assert record["model"] == f"ranker:{first['version']}" and len(record["heads"]) == 8
     assert all(0.0 <= p <= 1.0 for _, _, probs in record["items"] for p in probs)
 
+    # The live version's item tower feeds the ANN index the embedding sources use.
+    view_stats = worker.stats()["shared_view"]
+    assert view_stats["tower_index_items"] >= 8
+
     # A second version goes live and is served; rolling it back returns to the first.
     time.sleep(1.1)  # versions are named by the second
     second = bootstrap(kafka, epochs=1, progress=False)
@@ -60,3 +64,46 @@ def test_bootstrap_swap_predictions_and_rollback(kafka, worker):
     registry = model_store.read_registry(kafka)
     model_store.set_state(kafka, registry[f"ranker/{second['version']}"], "rolled_back")
     wait_live(worker, first["version"])
+
+
+def test_freshness_event_to_serving_model(kafka, worker, tmp_path):
+    """Seconds from an engagement to serving a model version that has learned from it."""
+    from schemas.topics import TRAINING_EXAMPLES
+    from streams.local import WorkerProcess
+    worker.stop()
+    fast = WorkerProcess(kafka, tmp_path / "fresh-trainer", web_port=worker.web_port + 2,
+                         env={"STREAMREC_LABEL_WALL_WINDOW_S": "1",
+                              "STREAMREC_PUBLISH_INTERVAL_S": "1"})
+    try:
+        fast.start()
+        t0 = time.time()
+        with EventProducer(kafka) as p:
+            p.send(new_event("fresh-u", "fresh-i", "impression", ts=t0, request_id="fresh-r"))
+            p.send(new_event("fresh-u", "fresh-i", "like", ts=t0 + 0.1, request_id="fresh-r"))
+        # Where the example landed in training.examples...
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        c = Consumer({"bootstrap.servers": kafka, "group.id": "fresh", "enable.auto.commit": False})
+        c.assign([TopicPartition(TRAINING_EXAMPLES, 0, OFFSET_BEGINNING)])
+        offset = None
+        while offset is None:
+            assert time.time() - t0 < 30, "no training example for the fresh engagement"
+            for m in c.consume(100, timeout=0.5):
+                if not m.error() and any(e["user_id"] == "fresh-u" for e in orjson.loads(m.value())):
+                    offset = m.offset()
+        c.close()
+        # ...and when a live version whose lineage covers it is what serving uses.
+        from stores import model_store
+        while True:
+            live = fast.stats()["shared_view"].get("live_model")
+            if live:
+                record = model_store.read_registry(kafka).get(live.replace(":", "/"), {})
+                if record.get("lineage", {}).get("offsets", {}).get("0", -1) >= offset:
+                    break
+            assert time.time() - t0 < 90, "no served version learned from the fresh engagement"
+            time.sleep(0.2)
+        elapsed = time.time() - t0
+        print(f"\nfreshness: engagement -> served model that learned it in {elapsed:.1f} s")
+        assert elapsed < 90
+    finally:
+        fast.stop()
+        worker.start()
