@@ -39,46 +39,56 @@ class ModelScorer:
     def examples(self, ctx, request_id: str, candidates) -> list[Example]:
         recent = ctx.history.recent_positive_items(20)
         authors = user_authors(ctx.history)
-        out = []
-        for c in candidates:
-            first = ctx.view.first_seen(c.item_id)
-            # Position 0: where an item lands is decided after scoring.
-            out.append(Example(
-                user_id=ctx.user_id, item_id=c.item_id, author_id=c.author_id,
-                surface=ctx.surface, ts=ctx.now, position=0, user_recent=recent,
-                user_authors=authors, item_counts=dict(ctx.view.quality(c.item_id) or {}),
-                item_age_s=max(0.0, ctx.now - first) if first else 0.0,
-                source_scores=dict(c.sources), request_id=request_id))
-        return out
+        return [self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
+                              dict(c.sources)) for c in candidates]
 
-    def item_vectors(self, examples: list[Example]) -> np.ndarray:
-        missing = [e for e in examples if e.item_id not in self._item_vectors]
+    def _example(self, ctx, item, author, request_id, recent=(), authors=None,
+                 source_scores=None) -> Example:
+        first = ctx.view.first_seen(item)
+        # Position 0: where an item lands is decided after scoring.
+        return Example(
+            user_id=ctx.user_id, item_id=item, author_id=author, surface=ctx.surface,
+            ts=ctx.now, position=0, user_recent=list(recent), user_authors=authors or {},
+            item_counts=dict(ctx.view.quality(item) or {}),
+            item_age_s=max(0.0, ctx.now - first) if first else 0.0,
+            source_scores=source_scores or {}, request_id=request_id)
+
+    def item_vectors(self, ctx, candidates) -> np.ndarray:
+        """Item tower vectors, computed once per item for this version and cached."""
+        missing = [c for c in candidates if c.item_id not in self._item_vectors]
         if missing:
-            for e, v in zip(missing, self.trainer.item_vectors(missing)):
-                self._item_vectors[e.item_id] = v
-        return np.stack([self._item_vectors[e.item_id] for e in examples])
+            examples = [self._example(ctx, c.item_id, c.author_id, None) for c in missing]
+            for c, v in zip(missing, self.trainer.item_vectors(examples)):
+                self._item_vectors[c.item_id] = v
+        return np.stack([self._item_vectors[c.item_id] for c in candidates])
 
     def rank(self, ctx, request_id: str, candidates, weights: dict) -> tuple[list, list, dict]:
         """Order candidates by value; returns (ranked, predictions to log, stage counts)."""
         if not candidates:
             return [], [], {}
-        examples = self.examples(ctx, request_id, candidates)
-        user = self.trainer.user_vectors(examples[:1])[0]
-        dots = self.item_vectors(examples) @ user
+        recent = ctx.history.recent_positive_items(20)
+        authors = user_authors(ctx.history)
+        # First stage: one user-tower pass, then dot products with cached item vectors.
+        user = self.trainer.user_vectors(
+            [self._example(ctx, candidates[0].item_id, None, request_id, recent, authors)])[0]
+        dots = self.item_vectors(ctx, candidates) @ user
         first = np.argsort(-dots, kind="stable")[:self.first_stage_k]
         second = first[:self.second_stage_k]
-        probs = self.trainer.predict([examples[i] for i in second])
+        # Second stage: full features (what the label join records) for the survivors only.
+        scored = [candidates[i] for i in second]
+        probs = self.trainer.predict(
+            [self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
+                           dict(c.sources)) for c in scored])
         values = value_scores(probs, weights)
         order = np.argsort(-values, kind="stable")
         ranked = []
         for j in order:
-            cand = candidates[second[j]]
-            cand.score = float(values[j])
-            ranked.append(cand)
+            scored[j].score = float(values[j])
+            ranked.append(scored[j])
         # Items the second stage did not score keep their first-stage order, after it.
         ranked.extend(candidates[i] for i in first[self.second_stage_k:])
-        predictions = [[candidates[second[j]].item_id, "second",
-                        [round(float(p), 5) for p in probs[j]]] for j in range(len(second))]
+        predictions = [[scored[j].item_id, "second", [round(float(p), 5) for p in probs[j]]]
+                       for j in range(len(scored))]
         counts = {"first_stage": int(len(first)), "second_stage": int(len(second))}
         return ranked, predictions, counts
 

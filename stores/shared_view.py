@@ -239,7 +239,9 @@ class SharedItemView:
         live = sorted((r["version"], r["model"]) for r in self.registry.values()
                       if r.get("state") == "live" and (r["model"], r["version"]) in self.models)
         if not live:
+            # Back to the cold-start path: blended scores and the pre-generated space.
             self.scorer = None
+            self.tower_index = None
             return
         version, model = live[-1]
         if self.scorer is None or (self.scorer.model, self.scorer.version) != (model, version):
@@ -286,8 +288,11 @@ class SharedItemView:
         return len(changed_ids)
 
     def _embedding_index(self):
-        """Item tower vectors once a model is live; the pre-generated ones before that."""
-        if self.tower_index is not None and len(self.tower_index):
+        """Item tower vectors while a model is live; the pre-generated ones otherwise.
+
+        One space per lookup: vectors of the two spaces are not comparable.
+        """
+        if self.scorer is not None and self.tower_index is not None and len(self.tower_index):
             return self.tower_index
         batch = self.pregen_batch
         return batch.index if batch else None

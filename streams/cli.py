@@ -106,7 +106,8 @@ def cmd_replay(args) -> int:
 def print_reply(reply) -> None:
     tag = f"fallback: {reply.fallback_reason}" if reply.fallback else "funnel"
     print(f"user {reply.user_id} on {reply.surface}: {len(reply.items)} items "
-          f"({tag}, server {reply.server_latency_ms:.1f} ms, stages {reply.stage_counts})")
+          f"({tag}, ranker {reply.model_versions.get('ranker')}, "
+          f"server {reply.server_latency_ms:.1f} ms, stages {reply.stage_counts})")
     for rank, item in enumerate(reply.items, 1):
         reasons = item.why or {}
         why = next((reasons[s] for s in item.sources if s in reasons), "")

@@ -63,6 +63,12 @@ def run_demo(args) -> int:
             if time.time() > deadline:
                 raise TimeoutError("the worker did not load the pre-generated batch in 60 s")
             time.sleep(0.5)
+        print("    waiting for the online trainer's first model version (published every minute)")
+        deadline = time.time() + 150
+        while not worker.stats()["shared_view"].get("live_model") and time.time() < deadline:
+            time.sleep(1)
+        live = worker.stats()["shared_view"].get("live_model")
+        print(f"    live model: {live or 'none yet: ranking by blended retrieval scores'}")
         print("5/5 recommendations:")
         with RecommendationClient(settings.bootstrap) as client:
             for user in args.users.split(","):

@@ -97,33 +97,46 @@ def advance_watermark(partition: int, ts: float) -> None:
         watermarks[partition] = ts
 
 
+#: Examples per message: each is 1-3 KB, and a message must stay under 1 MB.
+EXAMPLES_PER_MESSAGE = 200
+
+
 async def send_examples(examples: list[dict]) -> None:
-    if examples:
-        await examples_topic.send(key=b"examples", value=orjson.dumps(examples))
-        metrics.counters["training_examples"] += len(examples)
+    for start in range(0, len(examples), EXAMPLES_PER_MESSAGE):
+        chunk = examples[start:start + EXAMPLES_PER_MESSAGE]
+        await examples_topic.send(key=b"examples", value=orjson.dumps(chunk))
+        metrics.counters["training_examples"] += len(chunk)
 
 
 @app.agent(ticks_topic)
 async def label_clock(stream):
     """Close label windows on quiet partitions, once per tick."""
     async for event in stream.events():
-        partition = event.message.partition
-        use_event(event)
-        if partition not in open_users:
-            # First tick since (re)start: find this partition's users with open impressions.
-            open_users[partition] = {k for k, v in pending_labels.items()
-                                     if v and partition_for(k, settings.partitions) == partition}
-        now = time.time()
-        examples = []
-        for user in list(open_users[partition]):
-            pending = PendingLabels(pending_labels.get(user), settings.label_window_s)
-            due = due_examples(pending, partition, now)
-            if due:
-                examples.extend(due)
-                store(user, pending)
-            if not pending.pending:
-                open_users[partition].discard(user)
-        await send_examples(examples)
+        try:
+            await close_partition(event)
+        except Exception:
+            metrics.counters["label_clock_errors"] += 1
+            app.logger.exception("closing label windows failed")
+
+
+async def close_partition(event) -> None:
+    partition = event.message.partition
+    use_event(event)
+    if partition not in open_users:
+        # First tick since (re)start: find this partition's users with open impressions.
+        open_users[partition] = {k for k, v in pending_labels.items()
+                                 if v and partition_for(k, settings.partitions) == partition}
+    now = time.time()
+    examples = []
+    for user in list(open_users[partition]):
+        pending = PendingLabels(pending_labels.get(user), settings.label_window_s)
+        due = due_examples(pending, partition, now)
+        if due:
+            examples.extend(due)
+            store(user, pending)
+        if not pending.pending:
+            open_users[partition].discard(user)
+    await send_examples(examples)
 
 
 @app.timer(1.0)

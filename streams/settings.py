@@ -41,6 +41,9 @@ class Settings:
     #: ...and an impression waits at most this long (wall clock) on a quiet partition.
     label_wall_window_s: float = field(
         default_factory=lambda: float(_env("LABEL_WALL_WINDOW_S", "120")))
+    #: Online training on/off (off: examples still flow, nobody learns from them here).
+    online_training: bool = field(
+        default_factory=lambda: _env("ONLINE_TRAINING", "1") not in ("0", "false", "no"))
     #: Online training: examples per optimiser step, seconds between published versions.
     train_batch: int = field(default_factory=lambda: int(_env("TRAIN_BATCH", "256")))
     publish_interval_s: float = field(

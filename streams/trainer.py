@@ -30,7 +30,7 @@ examples_topic = app.topic(TRAINING_EXAMPLES)
 # One thread: torch work must not block the event loop, and steps must stay in order.
 _executor = ThreadPoolExecutor(1, thread_name_prefix="trainer")
 state = {"trainer": None, "parent": None, "last_publish": 0.0, "offsets": {}, "losses": {},
-         "since_publish": 0}
+         "since_publish": 0, "own": set()}
 
 
 def _resume_or_start():
@@ -69,6 +69,7 @@ def _publish() -> dict:
     model_store.publish(settings.bootstrap, MODEL, version, model_store.serving_bytes(trainer),
                         record)
     state["parent"] = version
+    state["own"].add(version)
     return record
 
 
@@ -76,8 +77,18 @@ def _publish() -> dict:
 async def train(stream):
     loop = asyncio.get_running_loop()
     async for batch in stream.take_events(50, within=1.0):
+        if not settings.online_training:
+            continue
         try:
-            if state["trainer"] is None:
+            live = view.scorer
+            parent_state = view.registry.get(f"{MODEL}/{state['parent']}", {}).get("state")
+            # Not adopting our own previous version while our newest is still on its way;
+            # adopting anything once our newest was rolled back.
+            adopt = (live is not None and live.version != state["parent"]
+                     and (live.version not in state["own"] or parent_state not in (None, "live")))
+            if state["trainer"] is None or adopt:
+                # Start from what serving uses: at start-up, and whenever an operator
+                # bootstraps, promotes or rolls back a version this trainer did not write.
                 state["trainer"], state["parent"] = await loop.run_in_executor(
                     _executor, _resume_or_start)
             examples = []

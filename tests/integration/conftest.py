@@ -39,9 +39,12 @@ def worker_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def worker(kafka, worker_dir):
     from streams.local import WorkerProcess
-    # Short label windows so the label-join test does not wait minutes.
+    # Short label windows so the label-join test does not wait minutes; online training
+    # off, so model versions appear only when a test publishes one (test_models.py
+    # runs its own worker with training on).
     w = WorkerProcess(kafka, worker_dir, web_port=WEB_PORT,
-                      env={"STREAMREC_LABEL_WALL_WINDOW_S": "2"}).start()
+                      env={"STREAMREC_LABEL_WALL_WINDOW_S": "2",
+                           "STREAMREC_ONLINE_TRAINING": "0"}).start()
     yield w
     w.stop()
 

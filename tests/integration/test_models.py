@@ -15,6 +15,16 @@ from .conftest import new_event, read_topic
 pytestmark = pytest.mark.integration
 
 
+@pytest.fixture(scope="module", autouse=True)
+def retire_models_afterwards(kafka):
+    """Later tests check retrieval and the cold-start path: leave no model live."""
+    yield
+    from stores import model_store
+    for record in model_store.read_registry(kafka).values():
+        if record["state"] == "live":
+            model_store.set_state(kafka, record, "retired")
+
+
 def wait_live(worker, version: str, timeout: float = 60.0) -> None:
     deadline = time.time() + timeout
     while worker.stats()["shared_view"].get("live_model") != f"ranker:{version}":
