@@ -78,6 +78,8 @@ def test_tower_index_refreshes_only_changed_items():
     assert v.refresh_tower_index(FakeScorer(table, "v1")) == 3
     moved = dict(table, i1=np.array([0.2, 1.0]))
     assert v.refresh_tower_index(FakeScorer(moved, "v2")) == 1
+    assert v.embedding("i1") is None, "the tower space is only used while a model is live"
+    v.scorer = FakeScorer(moved, "v2")
     new = np.array([0.2, 1.0]) / np.linalg.norm([0.2, 1.0])  # the cosine index stores unit vectors
     assert np.allclose(v.embedding("i1"), new, atol=1e-6)
     # The tower space is what the embedding sources search once a model is live.
