@@ -7,6 +7,7 @@ features the label join records at impression time.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
@@ -15,6 +16,7 @@ from models.features import HEADS, Example
 from models.value import value_scores
 
 FIRST_STAGE_K = 100
+USER_CACHE = 100_000
 SECOND_STAGE_K = 50
 
 
@@ -35,6 +37,8 @@ class ModelScorer:
         self.first_stage_k = first_stage_k
         self.second_stage_k = second_stage_k
         self._item_vectors: dict[str, np.ndarray] = {}
+        #: (user, what the user tower reads of the history) -> user vector, bounded.
+        self._user_vectors: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 
     def examples(self, ctx, request_id: str, candidates) -> list[Example]:
         recent = ctx.history.recent_positive_items(20)
@@ -53,6 +57,17 @@ class ModelScorer:
             item_age_s=max(0.0, ctx.now - first) if first else 0.0,
             source_scores=source_scores or {}, request_id=request_id)
 
+    def user_vector(self, ctx, request_id, recent, authors) -> np.ndarray:
+        key = (ctx.user_id, ctx.surface, tuple(recent))
+        vector = self._user_vectors.get(key)
+        if vector is None:
+            vector = self.trainer.user_vectors(
+                [self._example(ctx, "", None, request_id, recent, authors)])[0]
+            self._user_vectors[key] = vector
+            if len(self._user_vectors) > USER_CACHE:
+                self._user_vectors.popitem(last=False)
+        return vector
+
     def item_vectors(self, ctx, candidates) -> np.ndarray:
         """Item tower vectors, computed once per item for this version and cached."""
         missing = [c for c in candidates if c.item_id not in self._item_vectors]
@@ -68,9 +83,9 @@ class ModelScorer:
             return [], [], {}
         recent = ctx.history.recent_positive_items(20)
         authors = user_authors(ctx.history)
-        # First stage: one user-tower pass, then dot products with cached item vectors.
-        user = self.trainer.user_vectors(
-            [self._example(ctx, candidates[0].item_id, None, request_id, recent, authors)])[0]
+        # First stage: the user vector (cached until the user's history changes), then
+        # dot products with cached item vectors.
+        user = self.user_vector(ctx, request_id, recent, authors)
         dots = self.item_vectors(ctx, candidates) @ user
         first = np.argsort(-dots, kind="stable")[:self.first_stage_k]
         second = first[:self.second_stage_k]

@@ -56,10 +56,23 @@ def _top(scores: dict, authors: dict, why: dict, fetch: int) -> list[Hit]:
 
 
 def trending_source(ctx: RetrievalContext, fetch: int) -> list[Hit]:
-    """Most engaged-with recently on this surface (time-decayed, event-weighted)."""
-    found = ctx.view.trending(ctx.surface, _padded(fetch, ctx), ctx.now)
-    return [Hit(i, s, a, f"trending on {ctx.surface}")
-            for i, s, a in found if i not in ctx.excluded][:fetch]
+    """Most engaged-with recently on this surface (time-decayed, event-weighted);
+    in the request's region first when it names one, then the whole surface."""
+    hits: list[Hit] = []
+    taken = set(ctx.excluded)
+    keys = ([(f"{ctx.surface}@{ctx.region}", f"trending on {ctx.surface} in {ctx.region}")]
+            if ctx.region else []) + [(ctx.surface, f"trending on {ctx.surface}")]
+    for key, why in keys:
+        found = ctx.view.trending(key, _padded(fetch, ctx), ctx.now)
+        # With a region, both lists are scaled to their best item and the regional
+        # one lifted above the surface's; without one, scores stay as they are.
+        top = (max((s for _, s, _ in found), default=0.0) or 1.0) if ctx.region else 1.0
+        lift = 1.0 if ctx.region and key != ctx.surface else 0.0
+        for item, score, author in found:
+            if item not in taken and len(hits) < fetch:
+                hits.append(Hit(item, score / top + lift, author, why))
+                taken.add(item)
+    return hits
 
 
 def good_seeds(ctx: RetrievalContext) -> list[tuple[str, float]]:

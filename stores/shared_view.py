@@ -155,7 +155,7 @@ class SharedItemView:
     # -- what item_stats re-seeds its boards from after a restart ---------
     def trending_snapshot(self, key: str) -> Optional[dict]:
         with self._lock:
-            return self._trending.get(key.split("/", 1)[0], {}).get(key)
+            return self._trending.get(key.rsplit("/", 1)[0], {}).get(key)
 
     def author_snapshot(self, key: str) -> Optional[dict]:
         with self._lock:
@@ -190,7 +190,7 @@ class SharedItemView:
 
     def _apply(self, topic: str, k: str, value) -> None:
         if topic in (TRENDING_SNAPSHOTS, AUTHOR_ITEMS):
-            group = k.split("/", 1)[0] if topic == TRENDING_SNAPSHOTS else k.rsplit("/", 1)[0]
+            group = k.rsplit("/", 1)[0]  # "surface/partition", "surface@region/partition"
             target = self._trending if topic == TRENDING_SNAPSHOTS else self._authors
             with self._lock:
                 by_part = target.setdefault(group, {})

@@ -15,7 +15,6 @@ import orjson
 
 from models.coengagement import coengagement_pairs
 from models.history import UserHistory
-from models.labels import PendingLabels
 from models.trending import event_weight, merge_score
 from schemas.deadletter import dead_letter
 from schemas.events import POSITIVE_TYPES, SchemaError, parse_events
@@ -24,7 +23,7 @@ from streams import labels, metrics
 from streams.app import app
 from streams.context import use_event
 from streams.settings import settings
-from streams.tables import pending_labels, user_history
+from streams.tables import user_history
 
 events_topic = app.topic(EVENTS)
 dlq_topic = app.topic(EVENTS_DLQ)
@@ -77,19 +76,20 @@ async def ingest_batch(batch) -> None:
         use_event(event)
         partition = event.message.partition
         history = UserHistory.from_dict(user_history.get(user))
-        pending = PendingLabels(pending_labels.get(user), settings.label_window_s)
+        pending = labels.pending_for(user, partition, evs)
         fresh = 0
         for ev in sorted(evs, key=lambda e: e.ts):
             if history.is_duplicate(ev.event_id):
                 metrics.counters["duplicates_dropped"] += 1
                 continue
-            labels.label_event(pending, history, ev, now)
+            if pending is not None:
+                labels.label_event(pending, history, ev, now)
             labels.advance_watermark(partition, ev.ts)
             add_item_deltas(deltas, history, ev)
             history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
             fresh += 1
         user_history[user] = history.to_dict()
-        if fresh:
+        if fresh and pending is not None:
             examples.extend(labels.close_due(user, pending, partition, now))
         metrics.counters["events_ingested"] += len(evs)
         metrics.counters["events_applied"] += fresh
@@ -121,9 +121,11 @@ def add_item_deltas(deltas: dict, history: UserHistory, ev) -> None:
         d["author"] = ev.author_id
     counts = d.setdefault("counts", {})
     counts[ev.event_type] = counts.get(ev.event_type, 0) + 1
-    d["trend"][ev.surface] = merge_score(d["trend"].get(ev.surface),
-                                         event_weight(ev.event_type, ev.dwell_ms), ev.ts,
-                                         settings.trending_half_life_s)
+    weight = event_weight(ev.event_type, ev.dwell_ms)
+    # Trending per surface, and per surface and region when the event names one.
+    for key in (ev.surface, f"{ev.surface}@{ev.region}") if ev.region else (ev.surface,):
+        d["trend"][key] = merge_score(d["trend"].get(key), weight, ev.ts,
+                                      settings.trending_half_life_s)
     if ev.event_type in POSITIVE_TYPES:
         recent = history.positives[-COENGAGEMENT_LOOKBACK:]
         authors = {p[0]: p[2] for p in recent}

@@ -59,6 +59,28 @@ def impression_features(history: UserHistory, ev) -> dict:
     }
 
 
+def users_with_open_impressions(partition: int) -> set:
+    """This partition's users with open impressions (found in the table after a restart)."""
+    users = open_users.get(partition)
+    if users is None:
+        users = open_users[partition] = {
+            k for k, v in pending_labels.items()
+            if v and partition_for(k, settings.partitions) == partition}
+    return users
+
+
+def pending_for(user: str, partition: int, events) -> "PendingLabels | None":
+    """The user's open impressions, or None when this batch cannot touch any.
+
+    Most batches of most users hold no impression and the user has none open:
+    skipping the table read and write then is most of the label join's cost.
+    """
+    if user in users_with_open_impressions(partition) or any(
+            ev.event_type == "impression" for ev in events):
+        return PendingLabels(pending_labels.get(user), settings.label_window_s)
+    return None
+
+
 def label_event(pending: PendingLabels, history: UserHistory, ev, now: float) -> None:
     if ev.event_type == "impression":
         pending.impression(ev.item_id, ev.request_id, ts=ev.ts, arrived=now,
@@ -122,13 +144,9 @@ async def label_clock(stream):
 async def close_partition(event) -> None:
     partition = event.message.partition
     use_event(event)
-    if partition not in open_users:
-        # First tick since (re)start: find this partition's users with open impressions.
-        open_users[partition] = {k for k, v in pending_labels.items()
-                                 if v and partition_for(k, settings.partitions) == partition}
     now = time.time()
     examples = []
-    for user in list(open_users[partition]):
+    for user in list(users_with_open_impressions(partition)):
         pending = PendingLabels(pending_labels.get(user), settings.label_window_s)
         due = due_examples(pending, partition, now)
         if due:

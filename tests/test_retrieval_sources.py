@@ -305,3 +305,17 @@ def test_item_embeddings_put_co_engaged_items_close_and_are_unit_norm():
     assert float(vecs["a"] @ vecs["b"]) > 0.9
     assert float(vecs["a"] @ vecs["b"]) > float(vecs["a"] @ vecs["c"]) + 0.5
     assert float(vecs["c"] @ vecs["d"]) > float(vecs["c"] @ vecs["e"]) + 0.5
+
+
+def test_trending_prefers_the_requests_region_then_fills_from_the_surface():
+    from models.funnel import StaticItemView
+    from models.history import UserHistory
+    from models.sources import RetrievalContext, trending_source
+    view = StaticItemView(trending={"explore": [("g1", 9.0, None), ("r1", 1.0, None)],
+                                    "explore@eu": [("r1", 5.0, None), ("r2", 4.0, None)]})
+    ctx = RetrievalContext("explore", UserHistory(), view, now=0.0, region="eu")
+    hits = trending_source(ctx, 3)
+    assert [h.item_id for h in hits] == ["r1", "r2", "g1"]
+    assert hits[0].why == "trending on explore in eu" and hits[2].why == "trending on explore"
+    no_region = RetrievalContext("explore", UserHistory(), view, now=0.0)
+    assert [h.item_id for h in trending_source(no_region, 3)] == ["g1", "r1"]

@@ -35,10 +35,16 @@ def test_model_ranks_and_logs_predictions():
     assert len(predictions) == 10 and all(len(p[2]) == 8 for p in predictions)
     logged = {p[0] for p in predictions}
     assert {i.item_id for i in reply.items} <= logged, "served items were scored by the model"
-    # Item vectors were computed once per item and reused on the next request.
+    # Item and user vectors were computed once and reused on the next request.
     cached = dict(scorer._item_vectors)
+    users = dict(scorer._user_vectors)
     recommend(req, UserHistory(), world(), clock=lambda: NOW, config=cfg, scorer=scorer)
-    assert scorer._item_vectors.keys() == cached.keys()
+    assert scorer._item_vectors.keys() == cached.keys() and scorer._user_vectors.keys() == users.keys()
+    # A new positive changes what the user tower reads: a new user vector.
+    h = UserHistory()
+    h.apply("t3", "like", NOW - 10)
+    recommend(req, h, world(), clock=lambda: NOW, config=cfg, scorer=scorer)
+    assert len(scorer._user_vectors) == len(users) + 1
 
 
 def test_ranking_follows_the_value_model():
