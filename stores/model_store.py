@@ -133,54 +133,32 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
 def published_versions(bootstrap: str, model: str) -> list[tuple[str, int]]:
     """(version, parts) of the model's weights still in the topic, oldest first."""
     import orjson
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from schemas.topics import MODEL_WEIGHTS
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-model-store",
-                         "enable.auto.commit": False})
-    low, high = consumer.get_watermark_offsets(TopicPartition(MODEL_WEIGHTS, 0), timeout=10)
+    from stores.topic_reader import read_to_end
     manifests: dict[str, int] = {}
-    if high > low:
-        consumer.assign([TopicPartition(MODEL_WEIGHTS, 0, OFFSET_BEGINNING)])
-        done = False
-        while not done:
-            for msg in consumer.consume(500, timeout=1.0):
-                if msg.error():
-                    continue
-                done = msg.offset() >= high - 1
-                m, version, part = msg.key().decode().split("/", 2)
-                if m == model and part == "manifest":
-                    if msg.value() is None:
-                        manifests.pop(version, None)
-                    else:
-                        manifests[version] = orjson.loads(msg.value())["parts"]
-    consumer.close()
+    for msg in read_to_end(bootstrap, MODEL_WEIGHTS):
+        m, version, part = msg.key().decode().split("/", 2)
+        if m == model and part == "manifest":
+            if msg.value() is None:
+                manifests.pop(version, None)
+            else:
+                manifests[version] = orjson.loads(msg.value())["parts"]
     return sorted(manifests.items())
 
 
 def read_registry(bootstrap: str) -> dict[str, dict]:
     """The latest registry record per model/version."""
     import orjson
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from schemas.topics import MODEL_REGISTRY
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-model-store",
-                         "enable.auto.commit": False})
-    low, high = consumer.get_watermark_offsets(TopicPartition(MODEL_REGISTRY, 0), timeout=10)
+    from stores.topic_reader import read_to_end
     records: dict[str, dict] = {}
-    if high > low:
-        consumer.assign([TopicPartition(MODEL_REGISTRY, 0, OFFSET_BEGINNING)])
-        done = False
-        while not done:
-            for msg in consumer.consume(500, timeout=1.0):
-                if msg.error():
-                    continue
-                done = msg.offset() >= high - 1
-                if msg.value() is None:
-                    records.pop(msg.key().decode(), None)
-                else:
-                    records[msg.key().decode()] = orjson.loads(msg.value())
-    consumer.close()
+    for msg in read_to_end(bootstrap, MODEL_REGISTRY):
+        if msg.value() is None:
+            records.pop(msg.key().decode(), None)
+        else:
+            records[msg.key().decode()] = orjson.loads(msg.value())
     return records
 
 

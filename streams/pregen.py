@@ -14,11 +14,12 @@ from __future__ import annotations
 import time
 
 import orjson
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import Producer
 
 from models.pregen import item_embeddings, popular
 from schemas.events import SchemaError, parse_events
 from schemas.topics import EVENTS, PREGEN
+from stores.topic_reader import read_to_end
 
 #: Bytes a chunk of embeddings may take as JSON: under the broker's 1 MB default.
 CHUNK_BYTES = 600_000
@@ -26,41 +27,18 @@ CHUNK_BYTES = 600_000
 
 def read_events(bootstrap: str, *, progress: bool = True) -> tuple[list, int]:
     """Every valid event retained in ``events`` now; returns (events, invalid count)."""
-    from tqdm import tqdm
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-pregen",
-                         "enable.auto.commit": False})
-    parts = consumer.list_topics(EVENTS, timeout=10).topics[EVENTS].partitions
-    ends, starts = {}, []
-    for p in parts:
-        low, high = consumer.get_watermark_offsets(TopicPartition(EVENTS, p), timeout=10)
-        if high > low:
-            ends[p] = high
-            starts.append(TopicPartition(EVENTS, p, OFFSET_BEGINNING))
-    total = sum(ends.values())
-    consumer.assign(starts)
     events, invalid = [], 0
-    bar = tqdm(total=total, unit="msg", desc="read events", disable=not progress)
-    remaining = dict(ends)
-    while remaining:
-        for msg in consumer.consume(1000, timeout=1.0):
-            if msg.error():
-                continue
-            p = msg.partition()
-            if p in remaining and msg.offset() >= remaining[p] - 1:
-                remaining.pop(p)
-            try:
-                parsed = parse_events(msg.value())
-            except SchemaError:
+    for msg in read_to_end(bootstrap, EVENTS, progress="read events" if progress else None):
+        try:
+            parsed = parse_events(msg.value())
+        except SchemaError:
+            invalid += 1
+            continue
+        for _, ev in parsed:
+            if isinstance(ev, SchemaError):
                 invalid += 1
-                continue
-            for _, ev in parsed:
-                if isinstance(ev, SchemaError):
-                    invalid += 1
-                else:
-                    events.append(ev)
-            bar.update(1)
-    bar.close()
-    consumer.close()
+            else:
+                events.append(ev)
     return events, invalid
 
 
@@ -81,21 +59,10 @@ def batch_parts(events: list, *, now: float, window_days: float, dim: int) -> di
 
 def previous_keys(bootstrap: str) -> list[bytes]:
     """Keys of batches already in ``pregen.sources`` (to tombstone after a new one)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-pregen",
-                         "enable.auto.commit": False})
-    tp = TopicPartition(PREGEN, 0)
-    low, high = consumer.get_watermark_offsets(tp, timeout=10)
-    keys: dict[bytes, bool] = {}
-    if high > low:
-        consumer.assign([TopicPartition(PREGEN, 0, OFFSET_BEGINNING)])
-        done = False
-        while not done:
-            for msg in consumer.consume(1000, timeout=1.0):
-                if not msg.error():
-                    keys[msg.key()] = msg.value() is not None
-                    done = msg.offset() >= high - 1
-    consumer.close()
-    return [k for k, live in keys.items() if live]
+    live: dict[bytes, bool] = {}
+    for msg in read_to_end(bootstrap, PREGEN):
+        live[msg.key()] = msg.value() is not None
+    return [k for k, is_live in live.items() if is_live]
 
 
 def publish(bootstrap: str, parts: dict[str, dict], meta: dict) -> str:

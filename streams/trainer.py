@@ -119,23 +119,13 @@ async def train(stream):
 
 def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True) -> dict:
     """Train initial weights from every recorded example, then publish them live."""
-    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     from models.training import Trainer
-    consumer = Consumer({"bootstrap.servers": bootstrap_servers, "group.id": "streamrec-bootstrap",
-                         "enable.auto.commit": False})
-    tp = TopicPartition(TRAINING_EXAMPLES, 0)
-    low, high = consumer.get_watermark_offsets(tp, timeout=10)
-    examples = []
-    if high > low:
-        consumer.assign([TopicPartition(TRAINING_EXAMPLES, 0, OFFSET_BEGINNING)])
-        done = False
-        while not done:
-            for msg in consumer.consume(500, timeout=1.0):
-                if msg.error():
-                    continue
-                done = msg.offset() >= high - 1
-                examples.extend(Example.from_dict(d) for d in orjson.loads(msg.value()))
-    consumer.close()
+    from stores.topic_reader import read_to_end
+    examples, last_offset = [], -1
+    for msg in read_to_end(bootstrap_servers, TRAINING_EXAMPLES,
+                           progress="read examples" if progress else None):
+        examples.extend(Example.from_dict(d) for d in orjson.loads(msg.value()))
+        last_offset = max(last_offset, msg.offset())
     if not examples:
         raise RuntimeError("no labelled examples in 'training.examples' yet: replay events first")
     trainer = Trainer()
@@ -143,7 +133,7 @@ def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True)
     version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{trainer.step:07d}"
     record = {"model": MODEL, "version": version, "parent": None, "tier": settings.model_tier,
               "owner": settings.model_owner, "state": "live", "created": time.time(),
-              "lineage": {"source_topic": TRAINING_EXAMPLES, "offsets": {"0": high - 1},
+              "lineage": {"source_topic": TRAINING_EXAMPLES, "offsets": {"0": last_offset},
                           "examples_seen": trainer.examples_seen, "step": trainer.step,
                           "bootstrap_epochs": epochs},
               "metrics": {"epoch_losses": [round(x, 5) for x in losses]},

@@ -1,0 +1,53 @@
+"""Read a topic from its beginning to where it ends now: batch jobs and tools.
+
+Group-less (nothing committed), every partition, stopping at the end offsets
+seen when the read starts, so a busy topic still gives a finite read.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+
+def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None) -> Iterator:
+    """Yield every message now in ``topic`` (confluent-kafka ``Message`` objects).
+
+    ``progress``: a tqdm description to show a progress bar, or None for none.
+    """
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-reader",
+                         "enable.auto.commit": False})
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        if meta.error is not None:
+            raise RuntimeError(f"topic {topic!r}: {meta.error}; run 'streamrec topics create'")
+        remaining = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                remaining[p] = high - 1
+        bar = None
+        if progress is not None:
+            from tqdm import tqdm
+            total = 0
+            for p in remaining:
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+                total += high - low
+            bar = tqdm(total=total, unit="msg", desc=progress)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in remaining])
+        while remaining:
+            for msg in consumer.consume(1000, timeout=1.0):
+                if msg.error():
+                    continue
+                last = remaining.get(msg.partition())
+                if last is None:
+                    continue
+                if msg.offset() >= last:
+                    del remaining[msg.partition()]
+                if bar is not None:
+                    bar.update(1)
+                yield msg
+        if bar is not None:
+            bar.close()
+    finally:
+        consumer.close()
