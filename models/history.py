@@ -72,6 +72,14 @@ class UserHistory:
     def recent_positive_items(self, limit: int) -> list[str]:
         return [p[0] for p in self.positives[-limit:]]
 
+    def author_counts(self) -> dict[str, int]:
+        """How many of the user's recent positives each author made (author affinity)."""
+        counts: dict[str, int] = {}
+        for _, _, author in self.positives:
+            if author is not None:
+                counts[author] = counts.get(author, 0) + 1
+        return counts
+
     def excluded(self) -> set[str]:
         return set(self.seen) | set(self.negatives)
 

@@ -20,14 +20,6 @@ USER_CACHE = 100_000
 SECOND_STAGE_K = 50
 
 
-def user_authors(history) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for _, _, author in history.positives:
-        if author is not None:
-            counts[author] = counts.get(author, 0) + 1
-    return counts
-
-
 class ModelScorer:
     def __init__(self, trainer, model: str, version: str, *, first_stage_k: int = FIRST_STAGE_K,
                  second_stage_k: int = SECOND_STAGE_K):
@@ -42,7 +34,7 @@ class ModelScorer:
 
     def examples(self, ctx, request_id: str, candidates) -> list[Example]:
         recent = ctx.history.recent_positive_items(20)
-        authors = user_authors(ctx.history)
+        authors = ctx.history.author_counts()
         return [self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
                               dict(c.sources)) for c in candidates]
 
@@ -82,7 +74,7 @@ class ModelScorer:
         if not candidates:
             return [], [], {}
         recent = ctx.history.recent_positive_items(20)
-        authors = user_authors(ctx.history)
+        authors = ctx.history.author_counts()
         # First stage: the user vector (cached until the user's history changes), then
         # dot products with cached item vectors.
         user = self.user_vector(ctx, request_id, recent, authors)

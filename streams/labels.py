@@ -45,15 +45,11 @@ def remember_served(request_id: str, items) -> None:
 
 def impression_features(history: UserHistory, ev) -> dict:
     """What serving knew when the item was shown: the example's features."""
-    authors: dict[str, int] = {}
-    for _, _, author in history.positives:
-        if author is not None:
-            authors[author] = authors.get(author, 0) + 1
     profile_first = view.first_seen(ev.item_id)
     return {
         "user_id": ev.user_id, "author_id": ev.author_id, "surface": ev.surface,
         "position": ev.position, "user_recent": history.recent_positive_items(20),
-        "user_authors": authors, "item_counts": dict(view.quality(ev.item_id) or {}),
+        "user_authors": history.author_counts(), "item_counts": dict(view.quality(ev.item_id) or {}),
         "item_age_s": max(0.0, ev.ts - profile_first) if profile_first else 0.0,
         "source_scores": served_scores.get((ev.request_id, ev.item_id), {}),
     }
