@@ -259,16 +259,27 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)
 
+    sub.add_parser("simulate", add_help=False,
+                   help="closed-loop simulated users over the real request/reply topics "
+                        "(streamrec simulate --help)")
+
     d = sub.add_parser("demo", help="broker + topics + worker + replay + sample recommendations")
     d.add_argument("--limit", type=int, default=0, help="ratings to replay (0 = all 100k)")
     d.add_argument("--users", default="1,42,500", help="users to show recommendations for")
     d.add_argument("--exit", action="store_true", help="stop everything at the end")
     d.add_argument("--dataset")
+    d.add_argument("--simulate", type=float, default=0.0, metavar="SECONDS",
+                   help="then run the closed-loop simulator this long (e.g. 60)")
     d.set_defaults(func=cmd_demo)
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        # The simulator owns its options (streams/simulate.py).
+        from streams.simulate import main as simulate
+        return simulate(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -82,6 +82,14 @@ def run_demo(args) -> int:
               f"  broker log    streamrec broker logs\n"
               f"  ask yourself  streamrec recommend --user 42 -k 10\n"
               f"  dead letters  kcat -C -b {settings.bootstrap} -t events.dlq -e")
+        if args.simulate:
+            from streams.simulate import main as simulate
+            out = home() / "demo-simulation.json"
+            print(f"simulating users for {args.simulate:.0f} s: they ask for recommendations, "
+                  f"engage with what they are shown, and the system learns from it")
+            simulate(["--bootstrap", settings.bootstrap, "--duration", str(args.simulate),
+                      "--shift-at", str(args.simulate / 2), "--out", str(out)])
+            print(f"    summary: {out} (plot beside it)")
         if args.exit:
             return 0
         print("\nThe worker keeps running; Ctrl-C stops it (the broker keeps running: "

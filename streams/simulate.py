@@ -1,0 +1,476 @@
+"""Closed-loop simulation: simulated users ask the real system and react to it.
+
+Users of a :class:`models.world.World` send recommendation requests over the
+real request/reply topics, see what comes back, and produce impression and
+engagement events drawn from the world's TRUE probabilities into ``events``:
+the system learns from the consequences of its own recommendations.
+
+For every answered request the same user, at the same moment, is also served
+by the reference policies (random, popularity, oracle) without Kafka, and every
+list is scored by its true expected value, so the summary says how close the
+system gets to the physical limit:
+
+    share of oracle = (system - random) / (oracle - random)
+
+It also joins the ``predictions`` topic (when a model is live) with the true
+probabilities recorded at serving time (calibration, normalized entropy), times
+the recovery after the sudden interest shift, and counts objectionable items
+and same-author neighbours served.
+
+>>> share_of_oracle(system=3.0, random=1.0, oracle=5.0)
+0.5
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+import uuid
+from collections import deque
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import orjson
+
+from models.metrics import calibration, normalized_entropy
+from models.policies import POLICIES, served_value
+from models.world import (ENGAGEMENT_HEADS, POSITIVE_HEADS, SURFACE, World, WorldConfig,
+                          item_id, parse_item, user_id)
+
+#: Names in the summary: the system first, then the reference policies.
+NAMES = ("system",) + tuple(POLICIES)
+#: After the shift the system has recovered when its share of oracle is back within
+#: this fraction of its share before the shift.
+RECOVERY_TOLERANCE = 0.1
+
+
+def share_of_oracle(system: float, random: float, oracle: float) -> Optional[float]:
+    """Where the system sits between random (0) and the oracle (1); None when the
+    oracle is no better than random (nothing to share).
+
+    >>> share_of_oracle(1.0, 1.0, 1.0) is None
+    True
+    """
+    gap = oracle - random
+    if not gap > 1e-12:
+        return None
+    return (system - random) / gap
+
+
+def same_author_pairs(authors: Sequence) -> tuple[int, int]:
+    """(consecutive pairs by one author, consecutive pairs) of a served list.
+
+    >>> same_author_pairs([1, 1, 2, 1])
+    (1, 3)
+    """
+    pairs = max(len(authors) - 1, 0)
+    return sum(a == b for a, b in zip(authors, authors[1:])), pairs
+
+
+def list_stats(world: World, user: int, items: Sequence[int], t: float) -> dict:
+    """True value, expected positives, impressions and integrity counts of one list."""
+    value, engagement = served_value(world, user, items, t)
+    same, pairs = same_author_pairs([int(world.item_author[i]) for i in items])
+    return {"value": value, "engagement": engagement, "impressions": len(items),
+            "objectionable": int(sum(world.item_objectionable[i] for i in items)),
+            "same_author": same, "pairs": pairs}
+
+
+def aggregate(records: Sequence[dict]) -> dict:
+    """Per policy: value per request, expected engagement per impression, share of
+    objectionable items and of same-author consecutive pairs; plus the share of oracle.
+
+    >>> r = {n: {"value": v, "engagement": 1.0, "impressions": 2, "objectionable": 0,
+    ...          "same_author": 0, "pairs": 1} for n, v in zip(NAMES, (2, 1, 1.5, 5))}
+    >>> aggregate([{"stats": r}])["share_of_oracle"]
+    0.25
+    """
+    out: dict = {"requests": len(records), "policies": {}}
+    for name in NAMES:
+        rows = [r["stats"][name] for r in records]
+        total = {key: sum(row[key] for row in rows) for key in
+                 ("value", "engagement", "impressions", "objectionable", "same_author", "pairs")}
+        out["policies"][name] = {
+            "value_per_request": _ratio(total["value"], len(rows)),
+            "engagement_per_impression": _ratio(total["engagement"], total["impressions"]),
+            "objectionable_share": _ratio(total["objectionable"], total["impressions"]),
+            "same_author_pair_share": _ratio(total["same_author"], total["pairs"]),
+        }
+    v = {n: out["policies"][n]["value_per_request"] for n in NAMES}
+    out["share_of_oracle"] = (None if None in v.values() else
+                              _round(share_of_oracle(v["system"], v["random"], v["oracle"])))
+    return out
+
+
+def over_time(records: Sequence[dict], width: float) -> list[dict]:
+    """:func:`aggregate` per window of ``width`` simulated seconds (by serving time)."""
+    buckets: dict[int, list] = {}
+    for r in records:
+        buckets.setdefault(int(r["t"] // width), []).append(r)
+    rows = []
+    for b in sorted(buckets):
+        agg = aggregate(buckets[b])
+        rows.append({"t": round(b * width, 3), "requests": agg["requests"],
+                     "share_of_oracle": agg["share_of_oracle"],
+                     "value_per_request": {n: p["value_per_request"] for n, p in agg["policies"].items()},
+                     "engagement_per_impression": {n: p["engagement_per_impression"]
+                                                   for n, p in agg["policies"].items()}})
+    return rows
+
+
+def recovery(series: Sequence[dict], shift_at: Optional[float], width: float) -> dict:
+    """How long after the shift the share of oracle took to come back to within
+    RECOVERY_TOLERANCE of its level before the shift (windows from :func:`over_time`).
+
+    >>> s = [{"t": 0, "share_of_oracle": 0.5}, {"t": 10, "share_of_oracle": 0.1},
+    ...      {"t": 20, "share_of_oracle": 0.48}]
+    >>> recovery(s, 10, 10)["recovered_after_s"]
+    20.0
+    """
+    shares = [(row["t"], row["share_of_oracle"]) for row in series
+              if row["share_of_oracle"] is not None]
+    if shift_at is None or not shares or not (shares[0][0] < shift_at <= shares[-1][0]):
+        return {"spans_shift": False, "shift_at": shift_at}
+    before = [s for t, s in shares if t + width <= shift_at]
+    after = [(t, s) for t, s in shares if t >= shift_at]
+    if not before or not after:
+        return {"spans_shift": False, "shift_at": shift_at}
+    level = float(np.mean(before))
+    target = level - RECOVERY_TOLERANCE * abs(level)
+    recovered = next((t + width - shift_at for t, s in after if s >= target), None)
+    return {"spans_shift": True, "shift_at": shift_at, "share_before": _round(level),
+            "share_min_after": _round(min(s for _, s in after)),
+            "recovered_after_s": None if recovered is None else round(float(recovered), 3)}
+
+
+def prediction_quality(predictions: Sequence[dict], truth: dict) -> dict:
+    """Calibration and normalized entropy of the served model's probabilities
+    against the TRUE probabilities recorded at serving time, per head.
+
+    ``truth`` maps (request_id, item id) -> {head: true probability}.  The true
+    probability is a soft label: NE uses it as the expected log loss, and
+    ``ne_floor`` is the NE of the truth itself (what a perfect model gets).
+
+    >>> preds = [{"request_id": "r", "heads": ["click"], "model": "m1",
+    ...           "items": [["a", "second", [0.2]], ["b", "second", [0.4]]]}]
+    >>> truth = {("r", "a"): {"click": 0.1}, ("r", "b"): {"click": 0.2}}
+    >>> prediction_quality(preds, truth)["heads"]["click"]["calibration"]
+    2.0
+    """
+    pairs: dict[str, tuple[list, list]] = {}
+    models, requests = set(), set()
+    for msg in predictions:
+        heads = msg.get("heads", [])
+        for entry in msg.get("items", []):
+            item, _stage, probs = entry[0], entry[1], entry[2]
+            true = truth.get((msg.get("request_id"), item))
+            if true is None:
+                continue
+            models.add(msg.get("model"))
+            requests.add(msg.get("request_id"))
+            for head, p in zip(heads, probs):
+                if head in true:
+                    pred, real = pairs.setdefault(head, ([], []))
+                    pred.append(p)
+                    real.append(true[head])
+    if not pairs:
+        return {"available": False, "reason": "no predictions for the served items: no model "
+                "was live (the funnel ranked by retrieval scores)"}
+    heads = {}
+    for head, (pred, real) in pairs.items():
+        heads[head] = {"n": len(pred), "mean_predicted": _round(float(np.mean(pred))),
+                       "mean_true": _round(float(np.mean(real))),
+                       "calibration": _round(calibration(real, pred)),
+                       "ne": _round(normalized_entropy(real, pred)),
+                       "ne_floor": _round(normalized_entropy(real, real))}
+    return {"available": True, "requests": len(requests), "models": sorted(map(str, models)),
+            "heads": heads}
+
+
+def read_predictions(bootstrap: str, request_ids: set, timeout: float = 15.0) -> list[dict]:
+    """Messages of the ``predictions`` topic for ``request_ids``, read from the
+    start up to the end offsets seen now (no consumer group)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    from schemas.topics import PREDICTIONS
+    if not request_ids:
+        return []
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"simulate-{uuid.uuid4().hex}",
+                  "enable.auto.commit": False})
+    try:
+        parts = c.list_topics(PREDICTIONS, timeout=10).topics[PREDICTIONS].partitions
+        ends = {p: c.get_watermark_offsets(TopicPartition(PREDICTIONS, p), timeout=10)
+                for p in parts}
+        todo = {p for p, (low, high) in ends.items() if high > low}
+        c.assign([TopicPartition(PREDICTIONS, p, OFFSET_BEGINNING) for p in todo])
+        out, deadline = [], time.time() + timeout
+        while todo and time.time() < deadline:
+            for m in c.consume(1000, timeout=0.2):
+                if m.error():
+                    continue
+                if m.offset() >= ends[m.partition()][1] - 1:
+                    todo.discard(m.partition())
+                try:
+                    value = orjson.loads(m.value())
+                except orjson.JSONDecodeError:
+                    continue
+                if value.get("request_id") in request_ids:
+                    out.append(value)
+        return out
+    finally:
+        c.close()
+
+
+def _ratio(a: float, b: float) -> Optional[float]:
+    return _round(a / b) if b else None
+
+
+def _round(x) -> Optional[float]:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return None
+    return round(float(x), 5)
+
+
+def _session(world: World, producer, rng, p_user, k: int, request_id: str, t: float) -> int:
+    """One organic session: a user engages with random catalogue items."""
+    user = int(rng.choice(len(p_user), p=p_user))
+    cands = world.candidates(user, t)
+    items = rng.choice(cands, size=min(k, len(cands)), replace=False).tolist() if len(cands) else []
+    events = world.events_for(user, items, request_id, t, ts=time.time())
+    if events:
+        producer.send_user_batch(events)
+    return len(events)
+
+
+def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_s: float,
+        progress: bool = True, k: int = 10, surface: str = SURFACE,
+        warmup_sessions: Optional[int] = None, organic_per_s: Optional[float] = None,
+        settle_s: float = 2.0, timeout: float = 2.0, time_scale: float = 1.0,
+        bucket_s: Optional[float] = None, plot: Optional[str] = None,
+        log: Optional[list] = None) -> dict:
+    """Run the closed loop for ``duration_s`` wall seconds; returns the summary.
+
+    Simulated time is wall seconds since the loop started times ``time_scale``
+    (``config.shift_at`` and ``burst_at`` are in simulated seconds).  Before
+    the loop, ``warmup_sessions`` organic sessions (default 2 per user) give the
+    system history; during it, ``organic_per_s`` organic sessions (default a
+    quarter of the request rate) keep bringing fresh items in.  ``log``, if
+    given, receives one dict per answered request (request id, user, items).
+    """
+    from tqdm import tqdm
+
+    from streams.client import RecommendationClient, RecommendationTimeout
+    from streams.producer import EventProducer
+
+    world = World(config)
+    rng = np.random.default_rng([config.seed, 5])
+    p_user = world.activity / world.activity.sum()
+    nonce = uuid.uuid4().hex[:8]
+    warmup_sessions = 2 * config.n_users if warmup_sessions is None else warmup_sessions
+    organic_per_s = requests_per_s / 4 if organic_per_s is None else organic_per_s
+    counts = {"sent": 0, "answered": 0, "timeouts": 0, "errors": 0, "fallbacks": 0,
+              "empty_replies": 0, "foreign_items": 0, "warmup_events": 0, "organic_events": 0,
+              "served_events": 0, "sampled_positives": 0}
+    records: list[dict] = []
+    truth: dict = {}
+    started = time.time()
+
+    with EventProducer(bootstrap) as producer:
+        for n in range(warmup_sessions):
+            counts["warmup_events"] += _session(world, producer, rng, p_user, k,
+                                                f"warm-{nonce}-{n}", 0.0)
+        producer.flush()
+        time.sleep(settle_s)  # let the worker ingest the history before the first request
+
+        with RecommendationClient(bootstrap) as client:
+            bar = tqdm(total=int(requests_per_s * duration_s), disable=not progress, unit="req",
+                       desc="simulate")
+            pending: deque = deque()
+            t0 = time.monotonic()
+            next_send = next_organic = t0
+            n_organic = 0
+
+            def handle(fut, user: int) -> None:
+                t = (time.monotonic() - t0) * time_scale
+                world.step(t)
+                try:
+                    reply = fut.result()
+                except RecommendationTimeout:
+                    counts["timeouts"] += 1
+                    return
+                except Exception:
+                    counts["errors"] += 1
+                    return
+                if reply.error:
+                    counts["errors"] += 1
+                    return
+                counts["answered"] += 1
+                counts["fallbacks"] += bool(reply.fallback)
+                served = [parse_item(i.item_id) for i in reply.items]
+                known = [i for i in served if i is not None and i < world.n_items]
+                counts["foreign_items"] += len(served) - len(known)
+                if not known:
+                    counts["empty_replies"] += 1
+                    return
+                # Counterfactuals first: the same user, same moment, same unseen catalogue.
+                cands = world.candidates(user, t)
+                stats = {"system": list_stats(world, user, known, t)}
+                for name, policy in POLICIES.items():
+                    stats[name] = list_stats(world, user, policy(world, user, cands, len(known), t), t)
+                probs = world.probability_matrix(user, known, np.arange(len(known)), t)
+                for item, row in zip(known, probs):
+                    truth[(reply.request_id, item_id(item))] = dict(zip(ENGAGEMENT_HEADS, row.tolist()))
+                events = world.events_for(user, known, reply.request_id, t, ts=time.time(),
+                                          surface=surface)
+                producer.send_user_batch(events)
+                counts["served_events"] += len(events)
+                counts["sampled_positives"] += sum(e.event_type in POSITIVE_HEADS for e in events)
+                records.append({"t": t, "stats": stats})
+                if log is not None:
+                    log.append({"request_id": reply.request_id, "user_id": user_id(user),
+                                "items": [item_id(i) for i in known], "t": t})
+
+            while True:
+                now = time.monotonic()
+                sending = now - t0 < duration_s
+                if sending and now >= next_send:
+                    user = int(rng.choice(len(p_user), p=p_user))
+                    pending.append((client.submit(user_id(user), surface, k, timeout=timeout), user))
+                    counts["sent"] += 1
+                    next_send += 1.0 / requests_per_s
+                if sending and organic_per_s > 0 and now >= next_organic:
+                    world.step((now - t0) * time_scale)
+                    counts["organic_events"] += _session(world, producer, rng, p_user, k,
+                                                         f"organic-{nonce}-{n_organic}",
+                                                         (now - t0) * time_scale)
+                    n_organic += 1
+                    next_organic += 1.0 / organic_per_s
+                # Replies are handled here, on this thread: the world is not thread-safe.
+                for _ in range(len(pending)):
+                    fut, user = pending.popleft()
+                    if fut.done():
+                        handle(fut, user)
+                        bar.update(1)
+                        if progress and records and counts["answered"] % 20 == 0:
+                            bar.set_postfix(share=aggregate(records[-200:])["share_of_oracle"],
+                                            refresh=False)
+                    else:
+                        pending.append((fut, user))
+                if not sending and not pending:
+                    break
+                time.sleep(0.001)
+            bar.close()
+
+    width = bucket_s or max(1.0, duration_s / 20) * time_scale
+    summary = aggregate(records)
+    series = over_time(records, width)
+    predictions = read_predictions(bootstrap, {rid for rid, _ in truth})
+    counts["items_created"] = world.n_items - config.n_authors * config.items_per_author
+    counts["sampled_engagement_per_impression"] = _ratio(
+        counts["sampled_positives"],
+        sum(r["stats"]["system"]["impressions"] for r in records))
+    result = {
+        "config": asdict(config),
+        "run": {"requests_per_s": requests_per_s, "duration_s": duration_s, "k": k,
+                "surface": surface, "time_scale": time_scale,
+                "wall_s": round(time.time() - started, 2), **counts},
+        "policies": summary["policies"],
+        "share_of_oracle": summary["share_of_oracle"],
+        "prediction_quality": prediction_quality(predictions, truth),
+        "adaptation": recovery(series, config.shift_at, width),
+        "over_time": series,
+    }
+    if plot:
+        result["plot"] = save_plot(series, plot, config.shift_at)
+    return result
+
+
+def save_plot(series: Sequence[dict], path: str, shift_at: Optional[float] = None) -> str:
+    """Value per request and engagement per impression over time, per policy, as
+    a PNG; says why when matplotlib is not installed (it is not a dependency)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "skipped: matplotlib is not installed"
+    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    ts = [row["t"] for row in series]
+    for ax, key in zip(axes, ("value_per_request", "engagement_per_impression")):
+        for name in NAMES:
+            ax.plot(ts, [row[key][name] for row in series], label=name)
+        if shift_at is not None:
+            ax.axvline(shift_at, color="grey", linestyle="--")
+        ax.set_ylabel(key.replace("_", " "))
+    axes[0].legend()
+    axes[1].set_xlabel("simulated seconds")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)
+
+
+def format_summary(result: dict) -> str:
+    """A few human lines: the policies side by side, then the headline numbers."""
+    lines = [f"{'policy':<12}{'value/req':>11}{'eng/imp':>10}{'objectionable':>15}{'same author':>13}"]
+    for name, p in result["policies"].items():
+        lines.append(f"{name:<12}{_fmt(p['value_per_request']):>11}"
+                     f"{_fmt(p['engagement_per_impression']):>10}"
+                     f"{_fmt(p['objectionable_share']):>15}{_fmt(p['same_author_pair_share']):>13}")
+    run_ = result["run"]
+    lines.append(f"share of oracle: {_fmt(result['share_of_oracle'])}  "
+                 f"answered {run_['answered']}/{run_['sent']}, timeouts {run_['timeouts']}, "
+                 f"fallbacks {run_['fallbacks']}")
+    pq = result["prediction_quality"]
+    lines.append("predictions: " + (", ".join(f"{h} cal {_fmt(v['calibration'])} ne {_fmt(v['ne'])}"
+                                              for h, v in pq["heads"].items())
+                                    if pq["available"] else pq["reason"]))
+    if result["adaptation"].get("spans_shift"):
+        lines.append(f"recovered after shift: {result['adaptation']['recovered_after_s']} s")
+    if "plot" in result:
+        lines.append(f"plot: {result['plot']}")
+    return "\n".join(lines)
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from streams.settings import settings
+    ap = argparse.ArgumentParser(prog="streamrec simulate", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--bootstrap", default=settings.bootstrap)
+    ap.add_argument("--rate", type=float, default=10.0, help="requests per second")
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds of closed loop")
+    ap.add_argument("--users", type=int, default=200)
+    ap.add_argument("--items", type=int, default=400, help="initial catalogue size")
+    ap.add_argument("--authors", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--shift-at", type=float, default=None,
+                    help="simulated second of the sudden interest shift")
+    ap.add_argument("--burst-at", type=float, default=None,
+                    help="simulated second of the viral burst")
+    ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--out", help="write the summary JSON here (and a PNG beside it)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    config = replace(WorldConfig(), n_users=args.users, n_authors=args.authors,
+                     items_per_author=max(1, args.items // args.authors), seed=args.seed,
+                     shift_at=args.shift_at, burst_at=args.burst_at)
+    plot = str(Path(args.out).with_suffix(".png")) if args.out else None
+    result = run(args.bootstrap, config, requests_per_s=args.rate, duration_s=args.duration,
+                 k=args.k, progress=not args.quiet, plot=plot)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    else:
+        print(text)
+    print(format_summary(result), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
