@@ -460,6 +460,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = replace(WorldConfig(), n_users=args.users, n_authors=args.authors,
                      items_per_author=max(1, args.items // args.authors), seed=args.seed,
                      shift_at=args.shift_at, burst_at=args.burst_at)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot = str(Path(args.out).with_suffix(".png")) if args.out else None
     result = run(args.bootstrap, config, requests_per_s=args.rate, duration_s=args.duration,
                  k=args.k, progress=not args.quiet, plot=plot)
