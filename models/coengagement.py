@@ -16,6 +16,8 @@ import heapq
 from typing import Iterable
 
 MAX_NEIGHBOURS = 50
+#: Co-engagement evidence halves every week, so lists follow current taste.
+NEIGHBOUR_HALF_LIFE_S = 7 * 86400.0
 
 
 def coengagement_pairs(recent_positives: Iterable[str], item: str,
@@ -29,11 +31,32 @@ def coengagement_pairs(recent_positives: Iterable[str], item: str,
     return out
 
 
-def add_neighbours(current: dict, deltas: dict, max_neighbours: int = MAX_NEIGHBOURS) -> dict:
-    """Add weight deltas to a neighbour map and keep the strongest ``max_neighbours``."""
-    merged = dict(current)
+def add_neighbours(current: dict, deltas: dict, max_neighbours: int = MAX_NEIGHBOURS,
+                   decay: float = 1.0) -> dict:
+    """Decay the current weights by ``decay``, add the deltas, keep the strongest
+    ``max_neighbours``; on a tie the neighbour just seen wins (fresher evidence).
+
+    >>> add_neighbours({"old": 1.0}, {"new": 1.0}, max_neighbours=1)
+    {'new': 1.0}
+    >>> add_neighbours({"old": 4.0}, {"new": 1.0}, max_neighbours=1, decay=0.2)
+    {'new': 1.0}
+    """
+    merged = {k: w * decay for k, w in current.items()}
     for other, w in deltas.items():
         merged[other] = merged.get(other, 0.0) + w
     if len(merged) > max_neighbours:
-        merged = dict(heapq.nlargest(max_neighbours, merged.items(), key=lambda kv: kv[1]))
+        merged = dict(heapq.nlargest(max_neighbours, merged.items(),
+                                     key=lambda kv: (kv[1], kv[0] in deltas)))
     return merged
+
+
+def neighbour_decay(last_ts: float | None, now: float,
+                    half_life: float = NEIGHBOUR_HALF_LIFE_S) -> float:
+    """How much older co-engagement evidence counts at ``now``.
+
+    >>> neighbour_decay(0.0, 7 * 86400.0)
+    0.5
+    """
+    if last_ts is None or now <= last_ts:
+        return 1.0
+    return 0.5 ** ((now - last_ts) / half_life)

@@ -14,7 +14,7 @@ import time
 
 import orjson
 
-from models.coengagement import add_neighbours
+from models.coengagement import add_neighbours, neighbour_decay
 from models.trending import TrendingBoard, decayed, merge_score
 from schemas.deadletter import dead_letter
 from schemas.topics import AUTHOR_ITEMS, EVENTS_DLQ, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
@@ -127,8 +127,12 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict
         for other, (_, author) in co.items():
             if author is not None or other not in authors:
                 authors[other] = author
-        kept = add_neighbours(weights, {k: v[0] for k, v in co.items()})
+        now = max((ts for _, ts in delta.get("trend", {}).values()), default=None)
+        decay = neighbour_decay(stats.get("nbrs_ts"), now) if now is not None else 1.0
+        kept = add_neighbours(weights, {k: v[0] for k, v in co.items()}, decay=decay)
         stats["nbrs"] = {k: [w, authors.get(k)] for k, w in kept.items()}
+        if now is not None:
+            stats["nbrs_ts"] = max(now, stats.get("nbrs_ts") or now)
     return stats, bool(co) or bool(counts) or author_changed
 
 

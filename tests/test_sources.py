@@ -424,3 +424,25 @@ def test_ingest_module_imports_on_its_own():
         for k in [k for k in sys.modules if ours(k)]:
             del sys.modules[k]
         sys.modules.update(saved)
+
+
+def test_neighbour_lists_follow_new_evidence():
+    """Full lists must not freeze: ties go to the neighbour just seen, and old weight decays."""
+    full = {f"n{i}": 1.0 for i in range(MAX_NEIGHBOURS)}
+    assert "new" in add_neighbours(full, {"new": 1.0})
+    heavy_old = {f"n{i}": 3.0 for i in range(MAX_NEIGHBOURS)}
+    assert "new" not in add_neighbours(heavy_old, {"new": 1.0})
+    from models.coengagement import NEIGHBOUR_HALF_LIFE_S, neighbour_decay
+    two_half_lives = neighbour_decay(0.0, 2 * NEIGHBOUR_HALF_LIFE_S)
+    assert two_half_lives == 0.25
+    assert "new" in add_neighbours(heavy_old, {"new": 1.0}, decay=two_half_lives)
+
+
+def test_apply_delta_decays_old_neighbours_by_event_time():
+    day = 86400.0
+    stats, _ = apply_delta(None, {"author": "X", "trend": {"explore": [1.0, T0]},
+                                  "co": {"a": [4.0, "A"]}}, half_life=HL)
+    stats, _ = apply_delta(stats, {"trend": {"explore": [1.0, T0 + 7 * day]},
+                                   "co": {"b": [1.0, "B"]}}, half_life=HL)
+    assert stats["nbrs"]["a"][0] == pytest.approx(2.0)  # a week later: half the weight
+    assert stats["nbrs"]["b"][0] == 1.0 and stats["nbrs_ts"] == T0 + 7 * day
