@@ -22,9 +22,8 @@ import torch
 
 from models.sources import SOURCES
 
-HEADS = ("click", "like", "save", "share", "comment", "follow", "see_less", "long_dwell")
+from models.labels import HEADS, LONG_DWELL_MS  # noqa: E402  (one definition of the heads)
 #: A view at least this long counts as a long dwell.
-LONG_DWELL_MS = 10_000
 #: Positive engagements remembered per user (``Example.user_recent``).
 MAX_RECENT = 20
 #: Retrieval sources whose scores the ranker reads, in a fixed order.

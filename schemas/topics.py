@@ -27,6 +27,8 @@ LABEL_TICKS = "labels.ticks"
 MODEL_WEIGHTS = "models.weights"
 MODEL_REGISTRY = "models.registry"
 PREDICTIONS = "predictions"
+STABILITY = "model.stability"
+ALERTS = "alerts"
 TRAINING_EXAMPLES = "training.examples"
 
 HOUR_MS = 3600 * 1000
@@ -82,6 +84,9 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                   compact=True),
         TopicSpec(MODEL_REGISTRY, 1, "model/version", "model version record (JSON)", compact=True),
         TopicSpec(PREDICTIONS, p, "user_id", "served predictions per request (JSON)", 7 * DAY_MS),
+        TopicSpec(STABILITY, 1, "model:version", "rolling calibration and NE per head (JSON)",
+                  compact=True),
+        TopicSpec(ALERTS, 1, "model:version/head/metric", "SLO violations (JSON)", 30 * DAY_MS),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
                   compact=True),
         TopicSpec(changelog_name(app_id, "pending_labels"), p, "user_id",

@@ -32,6 +32,6 @@ app = StreamrecApp(
 )
 
 # Agents, tables and pages register themselves on import.
-from streams import tables, labels, ingest, item_stats, serving, trainer, web  # noqa: E402,F401,I001
+from streams import tables, labels, ingest, item_stats, serving, trainer, stability, web  # noqa: E402,F401,I001
 
 main = app.main

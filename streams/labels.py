@@ -14,6 +14,7 @@ from collections import OrderedDict
 import orjson
 
 from models.history import UserHistory
+from models.labels import HEADS
 from models.labels import PendingLabels
 from schemas.topics import LABEL_TICKS, TRAINING_EXAMPLES, partition_for
 from streams import metrics
@@ -36,9 +37,15 @@ served_scores: "OrderedDict[tuple, dict]" = OrderedDict()
 SERVED_CACHE = 50_000
 
 
-def remember_served(request_id: str, items) -> None:
+def remember_served(request_id: str, items, model: str = "", predictions=()) -> None:
+    """Keep what serving knew about each item it served, for the impression's example:
+    the retrieval scores, and the model's head probabilities when a model ranked it."""
+    predicted = {item: probs for item, _stage, probs in predictions}
     for item in items:
-        served_scores[(request_id, item.item_id)] = item.source_scores
+        probs = predicted.get(item.item_id)
+        served_scores[(request_id, item.item_id)] = (
+            item.source_scores,
+            {"model": model, "probs": dict(zip(HEADS, probs))} if probs is not None else None)
     while len(served_scores) > SERVED_CACHE:
         served_scores.popitem(last=False)
 
@@ -46,12 +53,16 @@ def remember_served(request_id: str, items) -> None:
 def impression_features(history: UserHistory, ev) -> dict:
     """What serving knew when the item was shown: the example's features."""
     profile_first = view.first_seen(ev.item_id)
+    scores, predicted = served_scores.get((ev.request_id, ev.item_id), (None, None))
     return {
         "user_id": ev.user_id, "author_id": ev.author_id, "surface": ev.surface,
         "position": ev.position, "user_recent": history.recent_positive_items(20),
         "user_authors": history.author_counts(), "item_counts": dict(view.quality(ev.item_id) or {}),
         "item_age_s": max(0.0, ev.ts - profile_first) if profile_first else 0.0,
-        "source_scores": served_scores.get((ev.request_id, ev.item_id), {}),
+        "source_scores": scores or {},
+        # What the model predicted when it served this item: the stability monitor
+        # compares it with the labels (not a training feature).
+        **({"predicted": predicted} if predicted else {}),
     }
 
 

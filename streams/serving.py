@@ -76,7 +76,8 @@ async def serve_one(event) -> None:
     predictions: list = []
     reply = recommend(req, history, view, config=view.funnel_config(req.surface),
                       scorer=view.scorer, predictions=predictions)
-    labels.remember_served(req.request_id, reply.items)
+    labels.remember_served(req.request_id, reply.items, reply.model_versions.get("ranker", ""),
+                           predictions)
     if predictions:
         # One message per request: the heads' probabilities of every item the model scored.
         await predictions_topic.send(key=req.user_id.encode(), value=orjson.dumps({

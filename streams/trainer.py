@@ -33,6 +33,11 @@ state = {"trainer": None, "parent": None, "last_publish": 0.0, "offsets": {}, "l
          "since_publish": 0, "own": set()}
 
 
+def example_from_record(d: dict) -> Example:
+    """A training example from a label-join record (serving's own prediction is not a feature)."""
+    return Example.from_dict({k: v for k, v in d.items() if k != "predicted"})
+
+
 def _resume_or_start():
     import torch
     from models.training import Trainer
@@ -95,7 +100,7 @@ async def train(stream):
             for event in batch:
                 for d in orjson.loads(event.value):
                     try:
-                        examples.append(Example.from_dict(d))
+                        examples.append(example_from_record(d))
                     except (KeyError, TypeError, ValueError):
                         metrics.counters["bad_training_examples"] += 1
                 state["offsets"][str(event.message.partition)] = event.message.offset
@@ -124,7 +129,7 @@ def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True)
     examples, last_offset = [], -1
     for msg in read_to_end(bootstrap_servers, TRAINING_EXAMPLES,
                            progress="read examples" if progress else None):
-        examples.extend(Example.from_dict(d) for d in orjson.loads(msg.value()))
+        examples.extend(example_from_record(d) for d in orjson.loads(msg.value()))
         last_offset = max(last_offset, msg.offset())
     if not examples:
         raise RuntimeError("no labelled examples in 'training.examples' yet: replay events first")

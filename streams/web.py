@@ -9,6 +9,8 @@ from streams.view import view
 @app.page("/stats/")
 async def stats(web, request):
     snap = metrics.snapshot()
+    from streams.stability import latest
+    snap["stability"] = latest
     batch = view.pregen_batch
     snap["shared_view"] = {"messages": view.messages, "bad_messages": view.bad_messages,
                            "last_update": view.last_update,

@@ -10,7 +10,8 @@ from schemas.events import (EVENT_TYPES, SCHEMA_VERSION, EngagementEvent, Schema
                             parse_event, parse_events)
 from schemas.requests import (MAX_EXCLUDE, MAX_K, RankedItem, RecommendationReply,
                               decode_reply, decode_request, parse_request)
-from schemas.topics import (AUTHOR_ITEMS, CONFIG, EVENTS_DLQ, MODEL_REGISTRY, MODEL_WEIGHTS,
+from schemas.topics import (ALERTS, AUTHOR_ITEMS, CONFIG, EVENTS_DLQ, MODEL_REGISTRY, MODEL_WEIGHTS,
+                            STABILITY,
                             PREGEN, TRAINING_EXAMPLES,
                             TRENDING_SNAPSHOTS, catalogue, changelog_name,
                             partition_for)
@@ -344,7 +345,7 @@ def test_dead_letter_of_null_value():
 def test_keyed_topics_and_changelogs_share_the_partition_count(partitions):
     specs = catalogue(partitions=partitions, app_id="myapp")
     singles = {EVENTS_DLQ, TRENDING_SNAPSHOTS, AUTHOR_ITEMS, PREGEN, CONFIG, TRAINING_EXAMPLES,
-               MODEL_WEIGHTS, MODEL_REGISTRY}
+               MODEL_WEIGHTS, MODEL_REGISTRY, STABILITY, ALERTS}
     keyed = [t for t in specs if t.name not in singles]
     assert {t.partitions for t in keyed} == {partitions}
     assert {t.partitions for t in specs if t.name in singles} == {1}
@@ -356,7 +357,7 @@ def test_keyed_topics_and_changelogs_share_the_partition_count(partitions):
 
 def test_topic_names_are_unique():
     names = [t.name for t in catalogue()]
-    assert len(names) == len(set(names)) == 18
+    assert len(names) == len(set(names)) == 20
 
 
 def test_compacted_topics_have_no_retention():

@@ -63,6 +63,22 @@ def test_bootstrap_swap_predictions_and_rollback(kafka, worker):
     assert record["model"] == f"ranker:{first['version']}" and len(record["heads"]) == 8
     assert all(0.0 <= p <= 1.0 for _, _, probs in record["items"] for p in probs)
 
+    # The user sees what was served and likes one item: the example carries the model's
+    # prediction, and the stability monitor reports calibration for that version.
+    shown = [i.item_id for i in reply.items]
+    with EventProducer(kafka) as p:
+        for pos, item in enumerate(shown):
+            p.send(new_event("mdl-newcomer", item, "impression", request_id=reply.request_id,
+                             position=pos))
+        p.send(new_event("mdl-newcomer", shown[0], "like", request_id=reply.request_id))
+    served_by = reply.model_versions["ranker"]
+    deadline = time.time() + 40
+    while served_by not in worker.stats()["stability"]["report"]:
+        assert time.time() < deadline, "no stability report for the serving model"
+        time.sleep(0.5)
+    like = worker.stats()["stability"]["report"][served_by]["like"]
+    assert like["n"] == len(shown) and like["rate"] == round(1 / len(shown), 4)
+
     # The live version's item tower feeds the ANN index the embedding sources use.
     view_stats = worker.stats()["shared_view"]
     assert view_stats["tower_index_items"] >= 8
