@@ -77,6 +77,7 @@ def run_demo(args) -> int:
                 print_reply(reply)
                 print(f"    round trip {(time.perf_counter() - t0) * 1000:.1f} ms\n")
         print(f"Where to look:\n"
+              f"  dashboard     http://127.0.0.1:{settings.web_port}/dashboard/\n"
               f"  worker stats  http://127.0.0.1:{settings.web_port}/stats/\n"
               f"  worker log    {worker.log_file}\n"
               f"  broker log    streamrec broker logs\n"

@@ -1,14 +1,36 @@
-"""The worker's web pages: counters and latency as JSON at ``/stats/``."""
+"""The worker's web pages: a dashboard at ``/dashboard/``, its data as JSON at ``/stats/``."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from streams import metrics
 from streams.app import app
 from streams.view import view
 
 
+DASHBOARD = Path(__file__).with_name("dashboard.html")
+
+
+@app.page("/dashboard/")
+async def dashboard(web, request):
+    return web.html(DASHBOARD.read_text())
+
+
+def consumer_lag() -> dict:
+    """Messages behind per topic and partition this worker consumes (end - read)."""
+    monitor = app.monitor
+    lag: dict = {}
+    for tp, end in dict(monitor.tp_end_offsets or {}).items():
+        read = (monitor.tp_read_offsets or {}).get(tp)
+        if read is not None:
+            lag.setdefault(tp.topic, {})[tp.partition] = max(0, end - read - 1)
+    return lag
+
+
 @app.page("/stats/")
 async def stats(web, request):
     snap = metrics.snapshot()
+    snap["lag"] = consumer_lag()
     from streams.stability import latest
     snap["stability"] = latest
     batch = view.pregen_batch

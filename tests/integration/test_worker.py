@@ -169,3 +169,18 @@ def test_restart_keeps_table_state(kafka, worker, tmp_path):
             assert [x[0] for x in judy["pos"]] == ["j0", "j1", "j2", "j3", "j9"]
     finally:
         worker.start()
+
+
+def test_dashboard_and_consumer_lag_are_served(kafka, worker):
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{worker.web_port}/dashboard/", timeout=10) as r:
+        page = r.read().decode()
+    assert r.status == 200 and "streamrec worker" in page and "/stats/" in page
+    before = worker.counter("events_applied")
+    with EventProducer(kafka) as p:
+        p.send(new_event("lag-user", "lag-item", "like"))
+    worker.wait_for("events_applied", before + 1, timeout=30)
+    lag = worker.stats()["lag"]
+    # Partitions appear once the worker has read from them; this user's has.
+    assert str(partition_for("lag-user", settings.partitions)) in lag["events"]
+    assert all(v >= 0 for parts in lag.values() for v in parts.values())
