@@ -76,6 +76,9 @@ async def serve_one(event) -> None:
     predictions: list = []
     reply = recommend(req, history, view, config=view.funnel_config(req.surface),
                       scorer=view.scorer, predictions=predictions)
+    # The reply first: the client is waiting; the bookkeeping is not.
+    await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
+                             partition=req.reply_partition)
     labels.remember_served(req.request_id, reply.items, reply.model_versions.get("ranker", ""),
                            predictions)
     if predictions:
@@ -84,8 +87,6 @@ async def serve_one(event) -> None:
             "request_id": req.request_id, "user_id": req.user_id, "surface": req.surface,
             "model": reply.model_versions["ranker"], "ts": received,
             "heads": list(HEADS), "items": predictions}))
-    await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
-                             partition=req.reply_partition)
     metrics.counters["requests_served"] += 1
     if reply.fallback:
         metrics.counters["fallbacks"] += 1
