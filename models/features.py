@@ -13,6 +13,7 @@ same inputs).  It travels as JSON on a Kafka topic (:meth:`Example.to_dict`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -111,6 +112,7 @@ def labels_from_events(event_types: Iterable[str], dwell_ms: Optional[int]) -> d
     return labels
 
 
+@functools.lru_cache(maxsize=1 << 20)
 def hash_id(value: str, size: int, salt: str) -> int:
     """A bucket in ``[0, size)`` for ``value``, the same in every process and run.
 
@@ -122,6 +124,7 @@ def hash_id(value: str, size: int, salt: str) -> int:
     >>> 0 <= hash_id("42", 1000, "user") < 1000
     True
     """
+    # Cached: serving hashes the same users' recent items for every candidate.
     digest = hashlib.blake2b(value.encode("utf-8"), digest_size=8, person=salt.encode("utf-8")[:16])
     return int.from_bytes(digest.digest(), "little") % size
 
