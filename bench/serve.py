@@ -49,7 +49,7 @@ from typing import Callable, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import (CpuMeter, Harness, add_common_args, load_events, log,  # noqa: E402
+from bench.common import (CpuMeter, Harness, add_common_args, log,  # noqa: E402
                           produce_events, ratio, run, summary)
 
 DEFAULT_PORT = 19592

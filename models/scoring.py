@@ -8,11 +8,10 @@ features the label join records at impression time.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional
 
 import numpy as np
 
-from models.features import HEADS, Example
+from models.features import Example
 from models.value import value_scores
 
 FIRST_STAGE_K = 100
@@ -98,11 +97,3 @@ class ModelScorer:
                        for j in range(len(scored))]
         counts = {"first_stage": int(len(first)), "second_stage": int(len(second))}
         return ranked, predictions, counts
-
-
-def head_probabilities(row) -> dict[str, float]:
-    return dict(zip(HEADS, (float(p) for p in row)))
-
-
-def scorer_or_none(view) -> Optional[ModelScorer]:
-    return getattr(view, "scorer", None)

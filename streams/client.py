@@ -45,9 +45,8 @@ class RecommendationClient:
         # Start at the current end, resolved now, so no reply sent after this is missed.
         tp.offset = self._consumer.get_watermark_offsets(tp, timeout=10)[1]
         self._consumer.assign([tp])
-        self._waiting: dict[str, list] = {}
-        #: request_id -> (future, monotonic deadline), for :meth:`submit`.
-        self._futures: dict[str, tuple[Future, float]] = {}
+        #: request_id -> (future, monotonic deadline, timeout): every request waits here.
+        self._futures: dict[str, tuple[Future, float, float]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._read_replies, daemon=True,
@@ -66,12 +65,8 @@ class RecommendationClient:
                     continue
                 request_id = (msg.key() or b"").decode()
                 with self._lock:
-                    slot = self._waiting.get(request_id)
-                    pending = self._futures.pop(request_id, None) if slot is None else None
-                if slot is not None:
-                    slot[1] = msg.value()
-                    slot[0].set()
-                elif pending is not None:
+                    pending = self._futures.pop(request_id, None)
+                if pending is not None:
                     self._resolve(pending[0], msg.value())
             now = time.monotonic()
             if now >= next_sweep:
@@ -88,41 +83,37 @@ class RecommendationClient:
             fut.set_result(reply)
 
     def _expire(self, now: float) -> None:
-        """Fail the futures of :meth:`submit` requests whose timeout has passed."""
+        """Fail the futures of requests whose timeout has passed."""
         with self._lock:
             if not self._futures:
                 return
             expired = [(rid, entry) for rid, entry in self._futures.items() if entry[1] <= now]
             for rid, _ in expired:
                 del self._futures[rid]
-        for rid, (fut, _) in expired:
-            fut.set_exception(RecommendationTimeout(f"no reply to request {rid} in time"))
+        for rid, (fut, _, timeout) in expired:
+            fut.set_exception(RecommendationTimeout(
+                f"no reply to request {rid} within {timeout * 1000:.0f} ms"))
 
     def request(self, req: RecommendationRequest, timeout: float) -> RecommendationReply:
-        slot = [threading.Event(), None]
-        with self._lock:
-            self._waiting[req.request_id] = slot
-        try:
-            self._producer.produce(REQUESTS, key=req.user_id.encode(), value=req.to_json())
-            self._producer.poll(0)
-            if not slot[0].wait(timeout):
-                raise RecommendationTimeout(
-                    f"no reply to request {req.request_id} within {timeout * 1000:.0f} ms")
-            return decode_reply(slot[1])
-        finally:
-            with self._lock:
-                self._waiting.pop(req.request_id, None)
+        """Send ``req`` and wait for its reply; raises :class:`RecommendationTimeout`."""
+        # The reader thread fails the future at the deadline; the extra second only
+        # guards against a reader that is gone.
+        return self.submit_request(req, timeout).result(timeout + 1.0)
+
+    def _new_request(self, user_id, surface: str, k: int, timeout: float,
+                     exclude: Sequence[str], context: Optional[dict]) -> RecommendationRequest:
+        now = time.time()
+        return RecommendationRequest(
+            request_id=uuid.uuid4().hex, user_id=str(user_id), surface=surface, k=k,
+            deadline=now + timeout, exclude=tuple(str(x) for x in exclude),
+            context=context or {}, reply_partition=self.reply_partition, sent_at=now)
 
     def recommend(self, user_id, surface: str = "explore", k: int = 10, *,
                   timeout: float = 1.0, exclude: Sequence[str] = (),
                   context: Optional[dict] = None) -> RecommendationReply:
         """Send a request whose deadline is ``timeout`` from now and wait for its reply."""
-        now = time.time()
-        req = RecommendationRequest(
-            request_id=uuid.uuid4().hex, user_id=str(user_id), surface=surface, k=k,
-            deadline=now + timeout, exclude=tuple(str(x) for x in exclude),
-            context=context or {}, reply_partition=self.reply_partition, sent_at=now)
-        return self.request(req, timeout)
+        return self.request(self._new_request(user_id, surface, k, timeout, exclude, context),
+                            timeout)
 
     def submit_request(self, req: RecommendationRequest, timeout: float) -> "Future[RecommendationReply]":
         """Send ``req`` without waiting; the future resolves to its reply.
@@ -134,7 +125,7 @@ class RecommendationClient:
         fut: Future = Future()
         fut.set_running_or_notify_cancel()
         with self._lock:
-            self._futures[req.request_id] = (fut, time.monotonic() + timeout)
+            self._futures[req.request_id] = (fut, time.monotonic() + timeout, timeout)
         try:
             self._producer.produce(REQUESTS, key=req.user_id.encode(), value=req.to_json())
         except BaseException:
@@ -149,12 +140,8 @@ class RecommendationClient:
                context: Optional[dict] = None) -> "Future[RecommendationReply]":
         """Like :meth:`recommend` but non-blocking: returns a
         :class:`concurrent.futures.Future` for the reply."""
-        now = time.time()
-        req = RecommendationRequest(
-            request_id=uuid.uuid4().hex, user_id=str(user_id), surface=surface, k=k,
-            deadline=now + timeout, exclude=tuple(str(x) for x in exclude),
-            context=context or {}, reply_partition=self.reply_partition, sent_at=now)
-        return self.submit_request(req, timeout)
+        return self.submit_request(
+            self._new_request(user_id, surface, k, timeout, exclude, context), timeout)
 
     def close(self) -> None:
         self._stop.set()
@@ -162,7 +149,7 @@ class RecommendationClient:
         with self._lock:
             pending = list(self._futures.values())
             self._futures.clear()
-        for fut, _ in pending:
+        for fut, _, _ in pending:
             fut.set_exception(RecommendationTimeout("client closed before the reply arrived"))
         self._producer.flush(5)
         self._consumer.close()
