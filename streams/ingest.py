@@ -16,17 +16,16 @@ import orjson
 from models.coengagement import coengagement_pairs
 from models.history import UserHistory
 from models.trending import event_weight, merge_score
-from schemas.deadletter import dead_letter
 from schemas.events import POSITIVE_TYPES, SchemaError, parse_events
-from schemas.topics import EVENTS, EVENTS_DLQ, ITEM_DELTAS, partition_for
+from schemas.topics import EVENTS, ITEM_DELTAS, partition_for
 from streams import labels, metrics
 from streams.app import app
 from streams.context import use_event
+from streams.deadletters import send_dead_letter
 from streams.settings import settings
 from streams.tables import user_history
 
 events_topic = app.topic(EVENTS)
-dlq_topic = app.topic(EVENTS_DLQ)
 item_deltas_topic = app.topic(ITEM_DELTAS)
 
 #: How many of a user's recent positives pair with a new one for co-engagement.
@@ -134,10 +133,3 @@ def add_item_deltas(deltas: dict, history: UserHistory, ev) -> None:
             dst_author = ev.author_id if dst == ev.item_id else authors.get(dst)
             prev = dd["co"].get(dst)
             dd["co"][dst] = [(prev[0] if prev else 0.0) + w, dst_author]
-
-
-async def send_dead_letter(raw, reason: str, msg, index=None) -> None:
-    metrics.counters["dead_letters"] += 1
-    record = dead_letter(raw, reason, msg.topic, msg.partition, msg.offset, index=index,
-                         key=msg.key)
-    await dlq_topic.send(key=msg.key, value=orjson.dumps(record))

@@ -16,11 +16,11 @@ import orjson
 
 from models.coengagement import add_neighbours, neighbour_decay
 from models.trending import TrendingBoard, decayed, merge_score
-from schemas.deadletter import dead_letter
-from schemas.topics import AUTHOR_ITEMS, EVENTS_DLQ, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
+from schemas.topics import AUTHOR_ITEMS, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
 from streams import metrics
 from streams.app import app
 from streams.context import use_event
+from streams.deadletters import send_dead_letter
 from streams.settings import settings
 from streams.view import view
 
@@ -28,7 +28,6 @@ item_deltas_topic = app.topic(ITEM_DELTAS)
 trending_topic = app.topic(TRENDING_SNAPSHOTS)
 profiles_topic = app.topic(ITEM_PROFILES)
 author_items_topic = app.topic(AUTHOR_ITEMS)
-dlq_topic = app.topic(EVENTS_DLQ)
 item_stats = app.Table("item_stats", default=None, partitions=settings.partitions)
 
 SNAPSHOT_SIZE = 500
@@ -155,9 +154,7 @@ async def apply_batch(batch) -> None:
         if isinstance(bundle, str):
             # Only the ingest agent writes here, so this is a bug or a stray producer.
             metrics.counters["bad_item_deltas"] += 1
-            msg = event.message
-            await dlq_topic.send(key=msg.key, value=orjson.dumps(dead_letter(
-                event.value, bundle, msg.topic, msg.partition, msg.offset, key=msg.key)))
+            await send_dead_letter(event.value, bundle, event.message)
             continue
         for item, delta in bundle.items():
             merged.setdefault(item, (event, []))[1].append(delta)

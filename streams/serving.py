@@ -13,20 +13,19 @@ import orjson
 
 from models.funnel import recommend
 from models.history import UserHistory
-from schemas.deadletter import dead_letter
 from schemas.events import SchemaError, decode_json
 from schemas.requests import RecommendationReply, parse_request
 from models.features import HEADS
-from schemas.topics import EVENTS_DLQ, PREDICTIONS, REPLIES, REQUESTS, partition_for
+from schemas.topics import PREDICTIONS, REPLIES, REQUESTS, partition_for
 from streams import labels, metrics
 from streams.app import app
+from streams.deadletters import send_dead_letter
 from streams.tables import user_history
 from streams.settings import settings
 from streams.view import view
 
 requests_topic = app.topic(REQUESTS)
 replies_topic = app.topic(REPLIES)
-dlq_topic = app.topic(EVENTS_DLQ)
 predictions_topic = app.topic(PREDICTIONS)
 
 
@@ -53,8 +52,7 @@ async def serve_one(event) -> None:
                               f"({REPLIES} has {settings.partitions} partitions)")
     except SchemaError as exc:
         metrics.counters["bad_requests"] += 1
-        await dlq_topic.send(key=msg.key, value=orjson.dumps(
-            dead_letter(event.value, str(exc), msg.topic, msg.partition, msg.offset, key=msg.key)))
+        await send_dead_letter(event.value, str(exc), msg)
         request_id = record.get("request_id") if isinstance(record, dict) else None
         if isinstance(request_id, (str, int)):
             # The client is waiting: tell it why instead of letting it time out.
