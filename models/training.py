@@ -13,7 +13,7 @@ control arm of an online-vs-frozen comparison).
 ...             RankerConfig(hash_size=512, emb_dim=4, hidden=(16,)))
 >>> exs = [Example("u1", f"i{n}", None, "explore", 0.0, labels={"like": n % 2}) for n in range(4)]
 >>> sorted(t.fit(exs))[:3], t.predict(exs).shape, t.step
-(['distill', 'loss', 'ranker'], (4, 8), 1)
+(['calibration', 'distill', 'loss'], (4, 8), 1)
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from models.calibration import PlattCalibration
 from models.features import HEADS, Batch, Example, collate
 from models.mtml import MTMLRanker, RankerConfig
 from models.two_tower import TowerConfig, TwoTower
@@ -36,7 +37,7 @@ from models.value import value_scores, weights_for
 
 #: Heads whose 1 makes an impression a positive for retrieval.
 POSITIVE_HEADS = ("click", "like", "save", "share", "comment", "follow")
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 def tower_positives(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -149,20 +150,24 @@ class Trainer:
 
     def __init__(self, tower: TowerConfig = TowerConfig(), ranker: RankerConfig = RankerConfig(),
                  *, lr: float = 1e-3, temperature: float = 0.05, distill_k: int = 3,
-                 distill_weight: float = 0.1, sparse_lr: float = 1e-2, seed: int = 0):
+                 distill_weight: float = 0.1, sparse_lr: float = 1e-2, seed: int = 0,
+                 calibration_lr: float = 0.02):
         for name in ("hash_size", "author_size", "surface_size"):
             if getattr(tower, name) != getattr(ranker, name):
                 raise ValueError(f"tower and ranker must hash alike: {name} differs")
         self.settings = {"lr": lr, "temperature": temperature, "distill_k": distill_k,
-                         "distill_weight": distill_weight, "sparse_lr": sparse_lr, "seed": seed}
+                         "distill_weight": distill_weight, "sparse_lr": sparse_lr, "seed": seed,
+                         "calibration_lr": calibration_lr}
         # A private RNG stream: building a trainer must not disturb the caller's.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             self.tower = TwoTower(tower)
             self.ranker = MTMLRanker(ranker)
+        self.calibration = PlattCalibration(len(HEADS))
         self.optimizers: Optional[dict] = {
             **optimizers("tower", self.tower, lr, sparse_lr),
-            **optimizers("ranker", self.ranker, lr, sparse_lr)}
+            **optimizers("ranker", self.ranker, lr, sparse_lr),
+            "calibration": torch.optim.Adam(self.calibration.parameters(), lr=calibration_lr)}
         self.step = 0
         self.examples_seen = 0
         self.frozen = False
@@ -195,15 +200,20 @@ class Trainer:
         ranker_loss, per_head = multitask_loss(logits, batch.labels, batch.label_mask)
         distill_loss = self._distill_loss(batch, logits, dots)
         loss = tower_loss + s["distill_weight"] * distill_loss + ranker_loss
-        for opt in self.optimizers.values():
-            opt.zero_grad(set_to_none=True)
+        # Calibrate on logits from before this batch's update: labels the model has not seen.
+        calibration_loss = self.calibration.fit_step(self.optimizers["calibration"], logits,
+                                                     batch.labels, batch.label_mask)
+        for name, opt in self.optimizers.items():
+            if name != "calibration":
+                opt.zero_grad(set_to_none=True)
         loss.backward()
-        for opt in self.optimizers.values():
-            opt.step()
+        for name, opt in self.optimizers.items():
+            if name != "calibration":
+                opt.step()
         self.step += 1
         self.examples_seen += len(examples)
         out = {"loss": loss.item(), "tower": tower_loss.item(), "distill": distill_loss.item(),
-               "ranker": ranker_loss.item()}
+               "ranker": ranker_loss.item(), "calibration": calibration_loss}
         out.update({f"ranker/{h}": v for h, v in per_head.items()})
         return out
 
@@ -251,7 +261,7 @@ class Trainer:
         batch = self.batch(examples)
         users, items = self.tower(batch)
         logits = self.ranker(batch.with_tower_dot((users * items).sum(dim=1)))
-        return torch.sigmoid(logits).numpy()
+        return torch.sigmoid(self.calibration(logits)).numpy()
 
     @torch.no_grad()
     def user_vectors(self, examples: Sequence[Example]) -> np.ndarray:
@@ -273,7 +283,8 @@ class Trainer:
                  "ranker_config": asdict(self.ranker.config),
                  "settings": dict(self.settings), "step": self.step,
                  "examples_seen": self.examples_seen,
-                 "tower": self.tower.state_dict(), "ranker": self.ranker.state_dict()}
+                 "tower": self.tower.state_dict(), "ranker": self.ranker.state_dict(),
+                 "calibration": self.calibration.state_dict()}
         if self.optimizers is not None:
             state["optimizers"] = {n: opt.state_dict() for n, opt in self.optimizers.items()}
         return state
@@ -287,6 +298,7 @@ class Trainer:
             raise ValueError("checkpoint was written by models with another config")
         self.tower.load_state_dict(state["tower"])
         self.ranker.load_state_dict(state["ranker"])
+        self.calibration.load_state_dict(state["calibration"])
         if self.optimizers is not None and "optimizers" in state:
             for name, opt in self.optimizers.items():
                 opt.load_state_dict(state["optimizers"][name])
@@ -319,6 +331,7 @@ class Trainer:
         finally:
             self.optimizers = optimizers
         twin.frozen = True
-        for p in list(twin.tower.parameters()) + list(twin.ranker.parameters()):
+        for p in (list(twin.tower.parameters()) + list(twin.ranker.parameters())
+                  + list(twin.calibration.parameters())):
             p.requires_grad_(False)
         return twin
