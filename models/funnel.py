@@ -327,6 +327,9 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
                                         config.value_weights)
     counts.update(stage_counts)
     counts["ranked"] = len(ranked)
+    served = rerank(ranked, req.k, config.max_author_run)
     if predictions is not None:
         predictions.extend(logged)
-    return reply(rerank(ranked, req.k, config.max_author_run))
+        if scorer is not None:
+            predictions.extend(scorer.served_predictions(ctx, req.request_id, served))
+    return reply(served)

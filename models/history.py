@@ -22,6 +22,10 @@ MAX_SEEN = 500
 MAX_NEGATIVES = 200
 #: Event ids remembered per user to drop redelivered or replayed duplicates.
 MAX_EVENT_IDS = 2000
+#: Authors whose engagement counts are kept per user (least recently shown dropped first).
+MAX_AUTHORS = 300
+#: Columns of an author's counts: impressions, clicks, deeper positives, negatives.
+AUTHOR_STATS = ("imp", "click", "pos", "neg")
 #: Seeds older than this no longer speak for the user's current taste.
 SEED_WINDOW_S = 7 * 86400.0
 
@@ -38,6 +42,10 @@ class UserHistory:
     events: int = 0
     #: Recent event ids, oldest first (see :meth:`is_duplicate`).
     event_ids: list = field(default_factory=list)
+    #: Author -> [impressions, clicks, deeper positives, negatives] of this user on that
+    #: author's items, most recently updated last: the user's own rate per author is
+    #: the ranker's sharpest signal of taste, and it includes what the user ignored.
+    authors: dict = field(default_factory=dict)
 
     def is_duplicate(self, event_id: str) -> bool:
         """True if ``event_id`` was applied already; otherwise remember it.
@@ -63,6 +71,35 @@ class UserHistory:
             self.positives = [p for p in self.positives if p[0] != item]
         if event_type == "follow" and author is not None:
             self.follows[author] = ts
+        if author is not None:
+            self._count_author(author, event_type)
+
+    def _count_author(self, author: str, event_type: str) -> None:
+        column = ("imp" if event_type == "impression" else "click" if event_type == "click"
+                  else "pos" if event_type in POSITIVE_TYPES
+                  else "neg" if event_type in NEGATIVE_TYPES else None)
+        if column is None:
+            return
+        counts = self.authors.pop(author, None) or [0, 0, 0, 0]
+        counts[AUTHOR_STATS.index(column)] += 1
+        self.authors[author] = counts  # re-inserted: most recently updated last
+        while len(self.authors) > MAX_AUTHORS:
+            self.authors.pop(next(iter(self.authors)))
+
+    def author_stats(self, author: Optional[str]) -> list[int]:
+        """[impressions, clicks, deeper positives, negatives] of this user on ``author``.
+
+        >>> h = UserHistory()
+        >>> for kind in ("impression", "click", "like", "impression"):
+        ...     h.apply("i1" if kind != "impression" or not h.events else "i2", kind, 1.0, "a")
+        >>> h.author_stats("a"), h.author_stats("b"), h.totals()
+        ([2, 1, 1, 0], [0, 0, 0, 0], [2, 1, 1, 0])
+        """
+        return list(self.authors.get(author, (0, 0, 0, 0))) if author is not None else [0, 0, 0, 0]
+
+    def totals(self) -> list[int]:
+        """This user's counts summed over the authors kept."""
+        return [sum(c[j] for c in self.authors.values()) for j in range(len(AUTHOR_STATS))]
 
     def positive_seeds(self, now: float, limit: int = 10) -> list[str]:
         """Most recent positive items inside the seed window, newest first."""
@@ -85,7 +122,8 @@ class UserHistory:
 
     def to_dict(self) -> dict:
         return {"pos": self.positives, "seen": self.seen, "neg": self.negatives,
-                "follows": self.follows, "n": self.events, "ids": self.event_ids}
+                "follows": self.follows, "n": self.events, "ids": self.event_ids,
+                "authors": self.authors}
 
     @classmethod
     def from_dict(cls, d: Optional[dict]) -> "UserHistory":
@@ -93,7 +131,8 @@ class UserHistory:
             return cls()
         return cls(positives=list(d.get("pos", [])), seen=list(d.get("seen", [])),
                    negatives=list(d.get("neg", [])), follows=dict(d.get("follows", {})),
-                   events=int(d.get("n", 0)), event_ids=list(d.get("ids", [])))
+                   events=int(d.get("n", 0)), event_ids=list(d.get("ids", [])),
+                   authors=dict(d.get("authors", {})))
 
 
 def _append_bounded(items: list, item: str, bound: int) -> None:

@@ -5,6 +5,13 @@ interaction features (the user's affinity for this author, retrieval scores,
 the two-tower dot product).  Heads share the body because rare heads (share,
 follow) learn little alone.
 
+Two paths add up to each logit: the deep path (an MLP over embeddings and
+dense features) and a wide path (a linear layer over the dense features and
+the dot products of the user's embeddings with the item's and the author's).
+An MLP over concatenated embeddings learns a user-item product slowly; the
+explicit dots and the linear path let an online model rank well after a
+few hundred labels, while the deep path keeps refining.
+
 >>> import torch
 >>> from models.features import Example, HEADS, collate
 >>> cfg = RankerConfig(hash_size=256, emb_dim=4, hidden=(16,))
@@ -21,6 +28,9 @@ import torch
 from torch import nn
 
 from models.features import HEADS, INTERACTION, ITEM_SIDE, POSITION, Batch
+
+#: User-item, user-author, recent-item and recent-author dot products.
+N_DOTS = 4
 
 
 @dataclass(frozen=True)
@@ -46,7 +56,8 @@ class MTMLRanker(nn.Module):
         self.surface = nn.Embedding(c.surface_size, c.emb_dim, sparse=c.sparse)
         for table in (self.user_id, self.item_id, self.recent, self.author, self.surface):
             nn.init.normal_(table.weight, std=0.05)
-        width = 5 * c.emb_dim + len(ITEM_SIDE) + len(POSITION) + len(INTERACTION)
+        dense = len(ITEM_SIDE) + len(POSITION) + len(INTERACTION)
+        width = 5 * c.emb_dim + dense + N_DOTS
         layers: list[nn.Module] = []
         for h in c.hidden:
             layers += [nn.Linear(width, h), nn.ReLU()]
@@ -55,11 +66,14 @@ class MTMLRanker(nn.Module):
             width = h
         self.body = nn.Sequential(*layers)
         self.heads = nn.Linear(width, len(HEADS))
+        self.wide = nn.Linear(dense + N_DOTS, len(HEADS))
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [B, len(HEADS)], columns in :data:`~models.features.HEADS` order."""
-        x = torch.cat([self.user_id(batch.user_ids), self.item_id(batch.item_ids),
-                       self.recent(batch.recent_ids, batch.recent_offsets),
-                       self.author(batch.author_ids), self.surface(batch.surface_ids),
-                       batch.item_side, batch.position, batch.interaction], dim=1)
-        return self.heads(self.body(x))
+        user, item = self.user_id(batch.user_ids), self.item_id(batch.item_ids)
+        recent, author = self.recent(batch.recent_ids, batch.recent_offsets), self.author(batch.author_ids)
+        dots = torch.stack([(user * item).sum(1), (user * author).sum(1),
+                            (recent * item).sum(1), (recent * author).sum(1)], dim=1)
+        dense = torch.cat([batch.item_side, batch.position, batch.interaction, dots], dim=1)
+        x = torch.cat([user, item, recent, author, self.surface(batch.surface_ids), dense], dim=1)
+        return self.heads(self.body(x)) + self.wide(dense)

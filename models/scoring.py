@@ -4,6 +4,11 @@ A :class:`ModelScorer` wraps one frozen model version.  It caches item tower
 vectors for its version (a new version gets a new scorer, so the cache is
 invalidated by construction) and turns candidates into examples with the same
 features the label join records at impression time.
+
+Items are ranked as if each were shown at the top (the order is what matters
+there); the probabilities logged for the items actually served are predicted
+again at the positions they were shown at, because that is what their labels
+(and the stability monitor's calibration) measure.
 """
 from __future__ import annotations
 
@@ -14,9 +19,12 @@ import numpy as np
 from models.features import Example
 from models.value import value_scores
 
-FIRST_STAGE_K = 100
+FIRST_STAGE_K = 300
 USER_CACHE = 100_000
-SECOND_STAGE_K = 50
+SECOND_STAGE_K = 300
+#: Share of the first stage's places kept for retrieval's own best items, so a
+#: tower that has not learned these users and items yet cannot throw them away.
+FIRST_STAGE_BLEND_SHARE = 0.5
 
 
 class ModelScorer:
@@ -31,22 +39,25 @@ class ModelScorer:
         #: (user, what the user tower reads of the history) -> user vector, bounded.
         self._user_vectors: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 
-    def examples(self, ctx, request_id: str, candidates) -> list[Example]:
+    def examples(self, ctx, request_id: str, candidates, position: int = 0) -> list[Example]:
         recent = ctx.history.recent_positive_items(20)
         authors = ctx.history.author_counts()
+        totals = ctx.history.totals()
         return [self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
-                              dict(c.sources)) for c in candidates]
+                              dict(c.sources), totals, position) for c in candidates]
 
     def _example(self, ctx, item, author, request_id, recent=(), authors=None,
-                 source_scores=None) -> Example:
+                 source_scores=None, totals=None, position: int = 0) -> Example:
         first = ctx.view.first_seen(item)
-        # Position 0: where an item lands is decided after scoring.
+        # Position 0 while ranking: where an item lands is decided after scoring.
         return Example(
             user_id=ctx.user_id, item_id=item, author_id=author, surface=ctx.surface,
-            ts=ctx.now, position=0, user_recent=list(recent), user_authors=authors or {},
+            ts=ctx.now, position=position, user_recent=list(recent), user_authors=authors or {},
             item_counts=dict(ctx.view.quality(item) or {}),
             item_age_s=max(0.0, ctx.now - first) if first else 0.0,
-            source_scores=source_scores or {}, request_id=request_id)
+            source_scores=source_scores or {}, request_id=request_id,
+            user_author=ctx.history.author_stats(author) if totals is not None else [],
+            user_totals=list(totals) if totals is not None else [])
 
     def user_vector(self, ctx, request_id, recent, authors) -> np.ndarray:
         key = (ctx.user_id, ctx.surface, tuple(recent))
@@ -69,22 +80,18 @@ class ModelScorer:
         return np.stack([self._item_vectors[c.item_id] for c in candidates])
 
     def rank(self, ctx, request_id: str, candidates, weights: dict) -> tuple[list, list, dict]:
-        """Order candidates by value; returns (ranked, predictions to log, stage counts)."""
+        """Order candidates by value; returns (ranked, [], stage counts).
+
+        Predictions are logged for served items only, at their shown positions
+        (:meth:`served_predictions`), so nothing is returned for logging here.
+        """
         if not candidates:
             return [], [], {}
-        recent = ctx.history.recent_positive_items(20)
-        authors = ctx.history.author_counts()
-        # First stage: the user vector (cached until the user's history changes), then
-        # dot products with cached item vectors.
-        user = self.user_vector(ctx, request_id, recent, authors)
-        dots = self.item_vectors(ctx, candidates) @ user
-        first = np.argsort(-dots, kind="stable")[:self.first_stage_k]
+        first = self.first_stage(ctx, request_id, candidates)
         second = first[:self.second_stage_k]
         # Second stage: full features (what the label join records) for the survivors only.
         scored = [candidates[i] for i in second]
-        probs = self.trainer.predict(
-            [self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
-                           dict(c.sources)) for c in scored])
+        probs = self.trainer.predict(self.examples(ctx, request_id, scored))
         values = value_scores(probs, weights)
         order = np.argsort(-values, kind="stable")
         ranked = []
@@ -93,7 +100,42 @@ class ModelScorer:
             ranked.append(scored[j])
         # Items the second stage did not score keep their first-stage order, after it.
         ranked.extend(candidates[i] for i in first[self.second_stage_k:])
-        predictions = [[scored[j].item_id, "second", [round(float(p), 5) for p in probs[j]]]
-                       for j in range(len(scored))]
         counts = {"first_stage": int(len(first)), "second_stage": int(len(second))}
-        return ranked, predictions, counts
+        return ranked, [], counts
+
+    def first_stage(self, ctx, request_id: str, candidates) -> np.ndarray:
+        """Indices of the candidates that reach the second stage, best first.
+
+        Half the places go to retrieval's own order (``candidates`` come sorted
+        by blended score), the rest to the two-tower dot product: the user
+        vector is cached until the user's history changes, item vectors per
+        version.
+        """
+        n = len(candidates)
+        if n <= self.first_stage_k:
+            return np.arange(n)
+        recent = ctx.history.recent_positive_items(20)
+        user = self.user_vector(ctx, request_id, recent, ctx.history.author_counts())
+        dots = self.item_vectors(ctx, candidates) @ user
+        by_blend = int(self.first_stage_k * FIRST_STAGE_BLEND_SHARE)
+        keep = np.zeros(n, dtype=bool)
+        keep[:by_blend] = True
+        by_tower = [i for i in np.argsort(-dots, kind="stable") if not keep[i]]
+        keep[by_tower[:self.first_stage_k - by_blend]] = True
+        chosen = np.flatnonzero(keep)
+        return chosen[np.argsort(-dots[chosen], kind="stable")]
+
+    def served_predictions(self, ctx, request_id: str, served) -> list:
+        """``[item, "served", probabilities]`` of each served item at the position it
+        was shown at: what its labels will measure."""
+        if not served:
+            return []
+        recent = ctx.history.recent_positive_items(20)
+        authors = ctx.history.author_counts()
+        totals = ctx.history.totals()
+        probs = self.trainer.predict([
+            self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
+                          dict(c.sources), totals, position)
+            for position, c in enumerate(served)])
+        return [[c.item_id, "served", [round(float(p), 5) for p in row]]
+                for c, row in zip(served, probs)]

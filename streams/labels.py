@@ -58,6 +58,7 @@ def impression_features(history: UserHistory, ev) -> dict:
         "user_id": ev.user_id, "author_id": ev.author_id, "surface": ev.surface,
         "position": ev.position, "user_recent": history.recent_positive_items(20),
         "user_authors": history.author_counts(), "item_counts": dict(view.quality(ev.item_id) or {}),
+        "user_author": history.author_stats(ev.author_id), "user_totals": history.totals(),
         "item_age_s": max(0.0, ev.ts - profile_first) if profile_first else 0.0,
         "source_scores": scores or {},
         # What the model predicted when it served this item: the stability monitor

@@ -32,9 +32,9 @@ def test_model_ranks_and_logs_predictions():
     assert reply.model_versions == {"ranker": "ranker:v1"}
     assert reply.stage_counts["first_stage"] == 30 and reply.stage_counts["second_stage"] == 10
     assert len(reply.items) == 5 and not reply.fallback
-    assert len(predictions) == 10 and all(len(p[2]) == 8 for p in predictions)
-    logged = {p[0] for p in predictions}
-    assert {i.item_id for i in reply.items} <= logged, "served items were scored by the model"
+    # Logged: exactly the served items, in order, with every head's probability.
+    assert [p[0] for p in predictions] == [i.item_id for i in reply.items]
+    assert all(p[1] == "served" and len(p[2]) == 8 for p in predictions)
     # Item and user vectors were computed once and reused on the next request.
     cached = dict(scorer._item_vectors)
     users = dict(scorer._user_vectors)
@@ -60,3 +60,33 @@ def test_ranking_follows_the_value_model():
                        scorer=scorer)
     assert [i.item_id for i in reply2.items] != [i.item_id for i in reply.items], \
         "value weights from the surface's config change the order"
+
+
+def test_served_items_are_predicted_at_their_shown_position():
+    trainer = tiny_trainer()
+    scorer = ModelScorer(trainer, "ranker", "v1", first_stage_k=30, second_stage_k=30)
+    req = RecommendationRequest("r1", "u1", "explore", k=5, deadline=NOW + 5)
+    cfg = FunnelConfig(sources={"trending": SourceSpec(1.0, 30)})
+    predictions: list = []
+    reply = recommend(req, UserHistory(), world(), clock=lambda: NOW, config=cfg, scorer=scorer,
+                      predictions=predictions)
+    from models.features import Example
+    last = reply.items[-1]
+    seen_at = [Example("u1", last.item_id, last.author_id, "explore", NOW, position=p,
+                       source_scores=dict(last.source_scores), request_id="r1",
+                       user_author=[0, 0, 0, 0], user_totals=[0, 0, 0, 0]) for p in (0, 4)]
+    at_top, at_shown = trainer.predict(seen_at)
+    logged = predictions[-1][2]
+    assert abs(logged[0] - at_shown[0]) < 1e-3 and abs(logged[0] - at_top[0]) > 1e-4, \
+        "the last item's probability is predicted at position 4, not 0"
+
+
+def test_first_stage_keeps_retrievals_best_items_whatever_the_tower_says():
+    scorer = ModelScorer(tiny_trainer(), "ranker", "v1", first_stage_k=20, second_stage_k=20)
+    from models.funnel import blend
+    from models.sources import RetrievalContext
+    view = world(60)
+    cands = blend({"trending": view.trending("explore", 60, NOW)}, {"trending": 1.0})
+    ctx = RetrievalContext("explore", UserHistory(), view, NOW, user_id="u1")
+    kept = set(scorer.first_stage(ctx, "r1", cands).tolist())
+    assert len(kept) == 20 and set(range(10)) <= kept
