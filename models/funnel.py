@@ -14,6 +14,7 @@ score; learned stages plug in at :func:`rank`.
 """
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Protocol
@@ -129,6 +130,9 @@ class FunnelConfig:
     max_author_run: int = 1
     #: Value model weights (head -> weight) for this surface; None = built-in default.
     value_weights: Optional[dict] = None
+    #: Share of requests whose last slot shows an item from just below the top k
+    #: (see :func:`explore`), so the models keep learning about what they rank lower.
+    explore_share: float = 0.1
 
     @classmethod
     def from_dict(cls, d: dict) -> "FunnelConfig":
@@ -138,7 +142,7 @@ class FunnelConfig:
         {'trending': SourceSpec(weight=1.0, fetch=50)}
         """
         unknown = set(d) - {"sources", "seeds", "max_author_run", "min_budget_s", "reserve_s",
-                            "value_weights"}
+                            "value_weights", "explore_share"}
         if unknown:
             raise ValueError(f"unknown funnel settings: {sorted(unknown)}")
         sources = {}
@@ -157,8 +161,16 @@ class FunnelConfig:
             value_weights = ValueWeights.from_dict(d["value_weights"]).weights
         return cls(sources=sources, seeds=int(d.get("seeds", 10)), value_weights=value_weights,
                    max_author_run=int(d.get("max_author_run", 1)),
+                   explore_share=_share(d.get("explore_share", 0.1)),
                    min_budget_s=float(d.get("min_budget_s", 0.005)),
                    reserve_s=float(d.get("reserve_s", 0.002)))
+
+
+def _share(value) -> float:
+    share = float(value)
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"explore_share must be in [0, 1], got {value!r}")
+    return share
 
 
 DEFAULT_CONFIG = FunnelConfig()
@@ -253,6 +265,28 @@ def rerank(ranked: list[Candidate], k: int, max_author_run: int = 1) -> list[Can
     return out
 
 
+def explore(ranked: list[Candidate], k: int, share: float, seed: str,
+            depth: int = 4) -> list[Candidate]:
+    """With probability ``share``, move one item from ranks ``k .. depth*k`` into
+    place ``k - 1`` (the last slot): a model learns only from what it shows, so
+    without this the items it under-rates never get the labels that would
+    correct it.  Seeded by ``seed`` (the request id): replays decide alike.
+
+    >>> cs = [Candidate(str(i), 1.0, None, {}) for i in range(40)]
+    >>> [c.item_id for c in explore(cs, 3, 1.0, "r1")[:3]], explore(cs, 3, 0.0, "r1") == cs
+    (['0', '1', '7'], True)
+    """
+    if share <= 0 or len(ranked) <= k or k < 1:
+        return ranked
+    rng = random.Random(seed)
+    if rng.random() >= share:
+        return ranked
+    pick = rng.randrange(k, min(len(ranked), depth * k))
+    chosen = ranked[pick]
+    chosen.why = {**chosen.why, "explore": "shown to learn how much you like it"}
+    return ranked[:k - 1] + [chosen] + ranked[k - 1:pick] + ranked[pick + 1:]
+
+
 def _author_run(out: list[Candidate], author: Optional[str]) -> int:
     if author is None:
         return 0
@@ -327,6 +361,7 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
                                         config.value_weights)
     counts.update(stage_counts)
     counts["ranked"] = len(ranked)
+    ranked = explore(ranked, req.k, config.explore_share, req.request_id)
     served = rerank(ranked, req.k, config.max_author_run)
     if predictions is not None:
         predictions.extend(logged)

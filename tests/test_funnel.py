@@ -339,3 +339,22 @@ def test_source_weights_shift_the_blend():
                         config=DEFAULT_CONFIG)
     assert ids(default)[0] == "t3"  # proposed by both sources
     assert ids(default).index("n1") < ids(default).index("t4")
+
+
+def test_exploration_puts_an_item_from_below_the_top_k_in_the_last_slot():
+    from models.funnel import explore
+    ranked = [Candidate(f"i{n}", 100.0 - n, None, {}) for n in range(50)]
+    out = explore(list(ranked), 10, 1.0, "r-1")
+    assert [c.item_id for c in out[:9]] == [f"i{n}" for n in range(9)]
+    assert int(out[9].item_id[1:]) in range(10, 40) and "explore" in out[9].why
+    assert sorted(c.item_id for c in out) == sorted(c.item_id for c in ranked), "nothing lost"
+    assert explore(list(ranked), 10, 0.0, "r-1") == ranked
+    explored = sum(explore(list(ranked), 10, 0.2, f"r-{n}")[9].item_id != "i9"
+                   for n in range(2000))
+    assert 300 < explored < 500, "about a fifth of requests explore"
+    assert explore(ranked[:10], 10, 1.0, "r-1") == ranked[:10], "nothing below the top k"
+
+
+def test_explore_share_is_validated():
+    with pytest.raises(ValueError, match="explore_share"):
+        FunnelConfig.from_dict({"sources": {"trending": {}}, "explore_share": 2})
