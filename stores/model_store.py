@@ -101,9 +101,12 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
 
     The manifest goes last so readers never assemble a version with missing
     parts; the registry record goes after it so nobody is told to serve weights
-    that are not there yet.  Versions beyond the newest ``keep_versions`` are
-    tombstoned (their weights leave the topic; their registry records stay, as
-    history).
+    that are not there yet.  A record with state ``live`` retires the model's
+    other live versions (see :func:`retire_others`).  Versions beyond the newest
+    ``keep_versions`` are tombstoned (their weights leave the topic; their
+    registry records stay, as history), except the live version and the one live
+    before it (what a rollback returns to): versions the gate keeps registered
+    must not push the served weights out.
     """
     import orjson
     from confluent_kafka import Producer
@@ -122,12 +125,96 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
     producer.produce(MODEL_REGISTRY, key=f"{model}/{version}".encode(), value=orjson.dumps(record))
     if producer.flush(30):
         raise RuntimeError(f"{model} {version}: manifest or registry record not delivered")
+    registry = read_registry(bootstrap)
+    if record.get("state") == "live":
+        retire_others(bootstrap, registry, record)
+        registry = read_registry(bootstrap)
+    keep = protected_versions(registry, model)
     for old_version, old_parts in published_versions(bootstrap, model)[:-keep_versions]:
+        if old_version in keep:
+            continue
         for n in range(old_parts):
             producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/part-{n:04d}".encode(),
                              value=None)
         producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/manifest".encode(), value=None)
     producer.flush(30)
+
+
+def live_since(record: dict) -> float:
+    """When the version last became live (its newest ``live`` history entry; else created).
+
+    Serving breaks a tie between two live versions by this, never by name.
+
+    >>> live_since({"created": 5.0, "history": [[5.0, "registered"], [9.0, "live"]]})
+    9.0
+    """
+    return max((float(t) for t, state in record.get("history", []) if state == "live"),
+               default=float(record.get("created", 0.0)))
+
+
+def live_records(registry: dict[str, dict], model: str) -> list[dict]:
+    """The model's versions in state ``live``, the one made live last at the end."""
+    return sorted((r for r in registry.values() if r["model"] == model and r["state"] == "live"),
+                  key=live_since)
+
+
+def previous_live(registry: dict[str, dict], model: str) -> Optional[dict]:
+    """The version that was live before the current one: where a rollback returns to.
+
+    >>> registry = {"m/a": {"model": "m", "version": "a", "state": "retired",
+    ...                     "history": [[1.0, "live"], [2.0, "retired"]]},
+    ...             "m/b": {"model": "m", "version": "b", "state": "live", "history": [[2.0, "live"]]},
+    ...             "m/c": {"model": "m", "version": "c", "state": "registered", "history": []}}
+    >>> previous_live(registry, "m")["version"]
+    'a'
+    """
+    current = live_records(registry, model)
+    current_key = current[-1]["version"] if current else None
+    before = [r for r in registry.values() if r["model"] == model and r["version"] != current_key
+              and r["state"] in ("live", "retired")
+              and any(state == "live" for _, state in r.get("history", []))]
+    return max(before, key=live_since) if before else None
+
+
+def protected_versions(registry: dict[str, dict], model: str) -> set[str]:
+    """Versions whose weights must stay: every live one and the rollback target."""
+    keep = {r["version"] for r in live_records(registry, model)}
+    previous = previous_live(registry, model)
+    return keep | ({previous["version"]} if previous else set())
+
+
+def retire_others(bootstrap: str, registry: dict[str, dict], record: dict) -> list[dict]:
+    """Mark every other live version of ``record``'s model ``retired``: one version is live."""
+    return [set_state(bootstrap, r, "retired", retired_by=record["version"])
+            for r in live_records(registry, record["model"]) if r["version"] != record["version"]]
+
+
+def promote(bootstrap: str, record: dict) -> dict:
+    """Make ``record``'s version live (an operator's decision) and retire the one it replaces."""
+    if record["version"] not in dict(published_versions(bootstrap, record["model"])):
+        raise RuntimeError(f"{record['model']} {record['version']}: its weights are no longer "
+                           f"published")
+    new = set_state(bootstrap, record, "live")
+    retire_others(bootstrap, read_registry(bootstrap), new)
+    return new
+
+
+def rollback(bootstrap: str, model: str) -> tuple[dict, dict]:
+    """Put the previously live version back live and mark the current one ``rolled_back``.
+
+    Returns (rolled back, now live).  The previous version must still have its weights.
+    """
+    registry = read_registry(bootstrap)
+    current = live_records(registry, model)
+    previous = previous_live(registry, model)
+    if not current or previous is None:
+        raise RuntimeError(f"nothing to roll back to: {model} has no earlier live version")
+    if previous["version"] not in dict(published_versions(bootstrap, model)):
+        raise RuntimeError(f"{model} {previous['version']}: its weights are no longer published")
+    # The previous version goes live first, so serving never falls back to no model.
+    back = set_state(bootstrap, previous, "live")
+    gone = [set_state(bootstrap, r, "rolled_back") for r in current if r["version"] != back["version"]]
+    return gone[-1], back
 
 
 def published_versions(bootstrap: str, model: str) -> list[tuple[str, int]]:

@@ -29,7 +29,7 @@ from models.funnel import DEFAULT_CONFIG, FunnelConfig
 from models.trending import merge_snapshots
 from schemas.topics import (AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, MODEL_REGISTRY, MODEL_WEIGHTS,
                             PREGEN, TRENDING_SNAPSHOTS)
-from stores.model_store import WeightAssembler, trainer_from_bytes
+from stores.model_store import WeightAssembler, live_since, trainer_from_bytes
 
 log = logging.getLogger(__name__)
 SHARED_TOPICS = (TRENDING_SNAPSHOTS, ITEM_PROFILES, AUTHOR_ITEMS, PREGEN, CONFIG, MODEL_WEIGHTS,
@@ -234,16 +234,28 @@ class SharedItemView:
             self._choose_live_model()
 
     def _choose_live_model(self) -> None:
-        """Serve the newest version the registry marks live whose weights have arrived."""
+        """Serve the version the registry marks live, once its weights have arrived.
+
+        Making a version live retires the one before, so one version per model is
+        live; should two be (an operator's promote racing the trainer), the one made
+        live last serves (:func:`~stores.model_store.live_since`), not the newest name.
+        While the live version's weights are still arriving, a version retired in
+        its favour keeps serving; one rolled back stops at once.
+        """
         from models.scoring import ModelScorer
-        live = sorted((r["version"], r["model"]) for r in self.registry.values()
-                      if r.get("state") == "live" and (r["model"], r["version"]) in self.models)
-        if not live:
+        live = [r for r in self.registry.values() if r.get("state") == "live"]
+        ready = [r for r in live if (r["model"], r["version"]) in self.models]
+        if not ready:
+            current = self.scorer
+            record = current and self.registry.get(f"{current.model}/{current.version}", {})
+            if live and record and record.get("state") == "retired":
+                return
             # Back to the cold-start path: blended scores and the pre-generated space.
             self.scorer = None
             self.tower_index = None
             return
-        version, model = live[-1]
+        chosen = max(ready, key=live_since)
+        model, version = chosen["model"], chosen["version"]
         if self.scorer is None or (self.scorer.model, self.scorer.version) != (model, version):
             # A new scorer per version: its cached item vectors die with the old one.
             scorer = ModelScorer(self.models[(model, version)], model, version)

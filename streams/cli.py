@@ -164,18 +164,17 @@ def cmd_models(args) -> int:
             print(f"{r['model']:8s} {r['version']:24s} {r['state']:10s} {r.get('tier', '-'):6s} "
                   f"parent={r.get('parent') or '-':24s} examples={lineage.get('examples_seen', 0)} "
                   f"owner={r.get('owner', '-')}")
+            if r.get("decision"):
+                print(f"{'':34s}gate: {r['decision']['reason']}")
         return 0
-    live = [r for r in records if r["state"] == "live"]
     if args.action == "rollback":
-        if len(live) < 2:
-            raise RuntimeError("nothing to roll back to: fewer than two live versions")
-        new = model_store.set_state(bootstrap, live[-1], "rolled_back")
-        print(f"{new['model']} {new['version']} rolled back; serving {live[-2]['version']}")
+        gone, back = model_store.rollback(bootstrap, args.model)
+        print(f"{gone['model']} {gone['version']} rolled back; serving {back['version']}")
     elif args.action == "promote":
         match = [r for r in records if r["version"] == args.version]
         if not match:
             raise RuntimeError(f"no version {args.version!r} in the registry")
-        new = model_store.set_state(bootstrap, match[0], "live")
+        new = model_store.promote(bootstrap, match[0])
         print(f"{new['model']} {new['version']} is live")
     return 0
 
@@ -256,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     md = sub.add_parser("models", help="the model registry: list, promote, rollback")
     md.add_argument("action", choices=["list", "promote", "rollback"])
     md.add_argument("--version", help="with promote: the version to make live")
+    md.add_argument("--model", default="ranker", help="with rollback: the model to roll back")
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)
 
