@@ -298,12 +298,30 @@ def _author_run(out: list[Candidate], author: Optional[str]) -> int:
     return run
 
 
+def request_namespace(req: RecommendationRequest) -> str:
+    """The item-id prefix a request is confined to (``context["namespace"]``), "" for all.
+
+    A simulated world on a shared worker sets it, so that other worlds' items
+    and real data cannot fill its lists.
+
+    >>> request_namespace(RecommendationRequest("r", "u", "explore", 5, 0.0,
+    ...                                         context={"namespace": "sim-x-"}))
+    'sim-x-'
+    """
+    namespace = req.context.get("namespace")
+    return namespace if isinstance(namespace, str) else ""
+
+
 def fallback_items(req: RecommendationRequest, history: UserHistory, view: ItemView,
                    now: float, config: FunnelConfig) -> list[Candidate]:
     """The cheap answer: trending on the surface, minus what the user saw."""
     excluded = history.excluded() | set(req.exclude)
-    trend = [(i, s, a) for i, s, a in view.trending(req.surface, req.k * 4 + len(excluded), now)
-             if i not in excluded and not is_objectionable(view.quality(i))]
+    namespace = request_namespace(req)
+    # A namespaced request shares trending with other worlds' items: look deeper.
+    depth = (req.k * 4 + len(excluded)) * (10 if namespace else 1)
+    trend = [(i, s, a) for i, s, a in view.trending(req.surface, depth, now)
+             if i not in excluded and i.startswith(namespace)
+             and not is_objectionable(view.quality(i))]
     return rerank(blend({"trending": trend}, {"trending": 1.0}), req.k, config.max_author_run)
 
 
@@ -350,7 +368,9 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
         retrieved.update(h.item_id for h in results[name])
     counts["retrieved"] = len(retrieved)
     candidates = blend(results, {n: s.weight for n, s in config.sources.items()})
-    candidates = [c for c in candidates if not is_objectionable(view.quality(c.item_id))]
+    namespace = request_namespace(req)
+    candidates = [c for c in candidates if c.item_id.startswith(namespace)
+                  and not is_objectionable(view.quality(c.item_id))]
     counts["after_filters"] = len(candidates)
     if scorer is not None:
         if clock() > req.deadline - config.reserve_s:
