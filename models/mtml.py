@@ -31,6 +31,11 @@ from models.features import HEADS, INTERACTION, ITEM_SIDE, POSITION, Batch
 
 #: User-item, user-author, recent-item and recent-author dot products.
 N_DOTS = 4
+#: Typical rate of each head per impression, where the heads' biases start: a new
+#: model then predicts plausible probabilities instead of 0.5 for everything, and
+#: its first steps go into ranking rather than into walking each bias down.
+HEAD_PRIORS = {"click": 0.1, "like": 0.04, "save": 0.01, "share": 0.005, "comment": 0.005,
+               "follow": 0.003, "see_less": 0.02, "long_dwell": 0.04}
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,9 @@ class MTMLRanker(nn.Module):
         self.body = nn.Sequential(*layers)
         self.heads = nn.Linear(width, len(HEADS))
         self.wide = nn.Linear(dense + N_DOTS, len(HEADS))
+        with torch.no_grad():
+            self.heads.bias.copy_(torch.logit(torch.tensor([HEAD_PRIORS[h] for h in HEADS])))
+            self.wide.bias.zero_()
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """Logits [B, len(HEADS)], columns in :data:`~models.features.HEADS` order."""
