@@ -36,7 +36,11 @@ _MAX_ID_LEN = 128
 # Earliest accepted timestamp: replays of old datasets are shifted to "now" by
 # the replay tool, so anything before 2001 is a unit mistake (ms vs s).
 _MIN_TS = 978307200.0
-_MAX_FUTURE_S = 86400.0
+#: How far ahead of the worker's clock an event may be stamped (producer clock skew).
+#: Further ahead is a broken clock: such an event would lift its partition's label
+#: watermark and close every open impression there as a negative, and would never
+#: decay in trending, so it is refused (it goes to the dead-letter topic).
+MAX_FUTURE_SKEW_S = 300.0
 # Latest plausible epoch-seconds value (year 2100): anything above is milliseconds.
 _MAX_TS = 4102444800.0
 
@@ -126,8 +130,9 @@ def parse_event(record: Any, *, now: Optional[float] = None) -> EngagementEvent:
         raise SchemaError(f"'ts' must be epoch seconds after 2001-01-01, got {ts}")
     if ts > _MAX_TS:
         raise SchemaError(f"'ts' must be epoch seconds, got {ts} (milliseconds?)")
-    if now is not None and ts > now + _MAX_FUTURE_S:
-        raise SchemaError(f"'ts' is {ts - now:.0f} s in the future")
+    if now is not None and ts > now + MAX_FUTURE_SKEW_S:
+        raise SchemaError(f"'ts' is {ts - now:.0f} s in the future; at most "
+                          f"{MAX_FUTURE_SKEW_S:.0f} s of clock skew is accepted")
     dwell_ms = _optional_int(record, "dwell_ms", 0)
     if event_type == "dwell" and dwell_ms is None:
         raise SchemaError("a 'dwell' event needs 'dwell_ms' (integer milliseconds >= 0)")

@@ -6,8 +6,8 @@ import pytest
 from aiokafka.partitioner import DefaultPartitioner
 
 from schemas.deadletter import dead_letter, original_bytes
-from schemas.events import (EVENT_TYPES, SCHEMA_VERSION, EngagementEvent, SchemaError,
-                            parse_event, parse_events)
+from schemas.events import (EVENT_TYPES, MAX_FUTURE_SKEW_S, SCHEMA_VERSION, EngagementEvent,
+                            SchemaError, parse_event, parse_events)
 from schemas.requests import (MAX_EXCLUDE, MAX_K, RankedItem, RecommendationReply,
                               decode_reply, decode_request, parse_request)
 from schemas.topics import (ALERTS, AUTHOR_ITEMS, CONFIG, EVENTS_DLQ, MODEL_REGISTRY, MODEL_WEIGHTS,
@@ -129,10 +129,16 @@ def test_pre_2001_timestamp_is_refused():
     assert parse_event(event(ts=978307200.0)).ts == 978307200.0
 
 
-def test_future_ts_is_refused_only_beyond_one_day():
-    assert parse_event(event(ts=NOW + 86400.0), now=NOW).ts == NOW + 86400.0
-    with pytest.raises(SchemaError, match=r"'ts' is 86401 s in the future"):
-        parse_event(event(ts=NOW + 86401.0), now=NOW)
+def test_future_ts_is_refused_beyond_the_allowed_clock_skew():
+    # One event stamped far ahead would lift its partition's watermark and close every
+    # open impression there as a negative, so it goes to the dead-letter topic instead.
+    edge = NOW + MAX_FUTURE_SKEW_S
+    assert parse_event(event(ts=edge), now=NOW).ts == edge
+    with pytest.raises(SchemaError, match=rf"'ts' is {MAX_FUTURE_SKEW_S + 1:.0f} s in the future; "
+                                          rf"at most {MAX_FUTURE_SKEW_S:.0f} s"):
+        parse_event(event(ts=edge + 1.0), now=NOW)
+    with pytest.raises(SchemaError, match=r"'ts' is 3600 s in the future"):
+        parse_event(event(ts=NOW + 3600.0), now=NOW)
     # Without a clock, a plausible future timestamp is not judged.
     assert parse_event(event(ts=NOW + 10 * 86400.0)).ts == NOW + 10 * 86400.0
 
