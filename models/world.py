@@ -8,7 +8,9 @@ not only by the clicks it happened to get.
 Everything is seeded: the same :class:`WorldConfig` gives the same world, the
 same items created over time and the same sampled engagements.  Time ``t`` is
 simulated seconds since the start; item ids inside the world are ints, on the
-wire they are ``sim-i<n>`` (authors ``sim-a<n>``, users ``sim-u<n>``).
+wire they are ``sim-i<n>`` (authors ``sim-a<n>``, users ``sim-u<n>``), or
+``sim-<tag>-i<n>`` for a world with a ``tag``: each run of the simulator tags
+its world, so two runs on one worker never meet each other's users or items.
 
 >>> w = World(WorldConfig(n_users=5, n_authors=3, items_per_author=4, seed=1))
 >>> p = w.true_probabilities(0, 0, position=0, t=0.0)
@@ -77,28 +79,47 @@ class WorldConfig:
     item_lifetime_s: float = 2 * 86400.0
     #: Epoch seconds of t = 0, for event timestamps when no wall clock is given.
     epoch: float = 1_790_000_000.0
+    #: Names this world's ids on the wire (see :func:`namespace`); changes nothing inside it.
+    tag: str = ""
+
+    def __post_init__(self):
+        if not (self.tag == "" or self.tag.isalnum()):
+            raise ValueError(f"a world's tag is letters and digits only, got {self.tag!r}")
 
 
-def user_id(u: int) -> str:
-    return f"sim-u{u}"
+def namespace(tag: str = "") -> str:
+    """The prefix of every wire id of a world tagged ``tag``.
+
+    >>> namespace(), namespace("7f3a")
+    ('sim-', 'sim-7f3a-')
+    """
+    return f"sim-{tag}-" if tag else "sim-"
 
 
-def item_id(i: int) -> str:
-    return f"sim-i{i}"
+def user_id(u: int, tag: str = "") -> str:
+    return f"{namespace(tag)}u{u}"
 
 
-def author_id(a: int) -> str:
-    return f"sim-a{a}"
+def item_id(i: int, tag: str = "") -> str:
+    return f"{namespace(tag)}i{i}"
 
 
-def parse_item(wire_id: str) -> Optional[int]:
-    """The world's item index of a wire id, or None for items not of this world.
+def author_id(a: int, tag: str = "") -> str:
+    return f"{namespace(tag)}a{a}"
 
-    >>> parse_item("sim-i12"), parse_item("movie-3")
+
+def parse_item(wire_id: str, tag: str = "") -> Optional[int]:
+    """The item index of a wire id of the world tagged ``tag``, or None for
+    items not of that world (real data, or another run's world).
+
+    >>> parse_item("sim-i12"), parse_item("movie-3"), parse_item("sim-x1-i12")
+    (12, None, None)
+    >>> parse_item("sim-x1-i12", "x1"), parse_item("sim-i12", "x1")
     (12, None)
     """
-    if isinstance(wire_id, str) and wire_id.startswith("sim-i") and wire_id[5:].isdigit():
-        return int(wire_id[5:])
+    prefix = namespace(tag) + "i"
+    if isinstance(wire_id, str) and wire_id.startswith(prefix) and wire_id[len(prefix):].isdigit():
+        return int(wire_id[len(prefix):])
     return None
 
 
@@ -380,14 +401,15 @@ class World:
         [('impression', 'sim-i1', 0), ('impression', 'sim-i3', 1)]
         """
         ts = self.config.epoch + t if ts is None else ts
-        uid = user_id(user)
+        tag = self.config.tag
+        uid = user_id(user, tag)
         served = [int(i) for i in served]
 
         def event(item: int, kind: str, pos: int, at: float, dwell_ms=None) -> EngagementEvent:
             return EngagementEvent(
-                event_id=f"{request_id}-{pos}-{kind}", user_id=uid, item_id=item_id(item),
+                event_id=f"{request_id}-{pos}-{kind}", user_id=uid, item_id=item_id(item, tag),
                 event_type=kind, surface=surface, ts=at,
-                author_id=author_id(int(self.item_author[item])), request_id=request_id,
+                author_id=author_id(int(self.item_author[item]), tag), request_id=request_id,
                 position=pos, dwell_ms=dwell_ms)
 
         out = [event(item, "impression", pos, ts) for pos, item in enumerate(served)]

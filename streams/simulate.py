@@ -12,10 +12,19 @@ system gets to the physical limit:
 
     share of oracle = (system - random) / (oracle - random)
 
+The reference policies keep the system's hard rules (no objectionable item, no
+two items of one author in a row, ``k`` items) and fill every request's ``k``
+slots, so a short or empty reply costs the system what it did not show.
+
 It also joins the ``predictions`` topic (when a model is live) with the true
 probabilities recorded at serving time (calibration, normalized entropy), times
 the recovery after the sudden interest shift, and counts objectionable items
 and same-author neighbours served.
+
+Each run tags its world (ids ``sim-<tag>-u5``, ``sim-<tag>-i12``) and every
+request names that namespace in its context, so the funnel serves only this
+run's items: on a worker that also serves MovieLens, or that served an
+earlier run, nothing foreign fills the lists.
 
 >>> share_of_oracle(system=3.0, random=1.0, oracle=5.0)
 0.5
@@ -38,14 +47,18 @@ import orjson
 
 from models.metrics import calibration, normalized_entropy
 from models.policies import POLICIES, served_value
+from models.features import LONG_DWELL_MS
 from models.world import (ENGAGEMENT_HEADS, POSITIVE_HEADS, SURFACE, World, WorldConfig,
-                          item_id, parse_item, user_id)
+                          item_id, namespace, parse_item, user_id)
 
 #: Names in the summary: the system first, then the reference policies.
 NAMES = ("system",) + tuple(POLICIES)
 #: After the shift the system has recovered when its share of oracle is back within
 #: this fraction of its share before the shift.
 RECOVERY_TOLERANCE = 0.1
+#: The share "before the shift" is the mean over the windows of this many seconds before
+#: it: the system is still learning, so the start of the run says little about its level.
+RECOVERY_BASELINE_S = 120.0
 
 
 def share_of_oracle(system: float, random: float, oracle: float) -> Optional[float]:
@@ -106,15 +119,32 @@ def aggregate(records: Sequence[dict]) -> dict:
     return out
 
 
-def over_time(records: Sequence[dict], width: float) -> list[dict]:
-    """:func:`aggregate` per window of ``width`` simulated seconds (by serving time)."""
-    buckets: dict[int, list] = {}
+def over_time(records: Sequence[dict], width: float, end: float,
+              outcomes: Sequence[tuple] = ()) -> list[dict]:
+    """:func:`aggregate` per window of ``width`` simulated seconds, by the time the
+    request was sent, for every window from 0 to ``end``: a window where nothing
+    was answered is still there (``requests`` 0), so the series covers the run.
+
+    ``outcomes`` are ``(t, outcome)`` of every request sent (answered, timeout,
+    error, empty): each window counts them.
+
+    >>> rows = over_time([], 10.0, 30.0, [(1.0, "timeout"), (25.0, "answered")])
+    >>> [(r["t"], r["sent"], r["outcomes"]) for r in rows]
+    [(0.0, 1, {'timeout': 1}), (10.0, 0, {}), (20.0, 1, {'answered': 1})]
+    """
+    n = max(1, math.ceil(end / width - 1e-9))
+    buckets: list[list] = [[] for _ in range(n)]
+    counted: list[dict] = [{} for _ in range(n)]
     for r in records:
-        buckets.setdefault(int(r["t"] // width), []).append(r)
+        buckets[min(int(r["t"] // width), n - 1)].append(r)
+    for t, outcome in outcomes:
+        c = counted[min(int(t // width), n - 1)]
+        c[outcome] = c.get(outcome, 0) + 1
     rows = []
-    for b in sorted(buckets):
+    for b in range(n):
         agg = aggregate(buckets[b])
-        rows.append({"t": round(b * width, 3), "requests": agg["requests"],
+        rows.append({"t": round(b * width, 3), "sent": sum(counted[b].values()),
+                     "outcomes": counted[b], "requests": agg["requests"],
                      "share_of_oracle": agg["share_of_oracle"],
                      "value_per_request": {n: p["value_per_request"] for n, p in agg["policies"].items()},
                      "engagement_per_impression": {n: p["engagement_per_impression"]
@@ -122,9 +152,33 @@ def over_time(records: Sequence[dict], width: float) -> list[dict]:
     return rows
 
 
-def recovery(series: Sequence[dict], shift_at: Optional[float], width: float) -> dict:
+def version_timeline(records: Sequence[dict]) -> list[dict]:
+    """Which ranker served, as spans of consecutive requests (by send time) with one
+    version, each with its share of oracle.
+
+    >>> r = {n: {"value": v, "engagement": 0.0, "impressions": 1, "objectionable": 0,
+    ...          "same_author": 0, "pairs": 0} for n, v in zip(NAMES, (1, 0, 0, 2))}
+    >>> [(s["ranker"], s["from_s"], s["to_s"], s["requests"]) for s in version_timeline(
+    ...     [{"t": 0.5, "ranker": "blend-v1", "stats": r}, {"t": 1.5, "ranker": "m:v1", "stats": r},
+    ...      {"t": 2.5, "ranker": "m:v1", "stats": r}])]
+    [('blend-v1', 0.5, 0.5, 1), ('m:v1', 1.5, 2.5, 2)]
+    """
+    spans: list[list] = []
+    for r in sorted(records, key=lambda r: r["t"]):
+        if spans and spans[-1][0]["ranker"] == r["ranker"]:
+            spans[-1].append(r)
+        else:
+            spans.append([r])
+    return [{"ranker": span[0]["ranker"], "from_s": round(span[0]["t"], 3),
+             "to_s": round(span[-1]["t"], 3), "requests": len(span),
+             "share_of_oracle": aggregate(span)["share_of_oracle"]} for span in spans]
+
+
+def recovery(series: Sequence[dict], shift_at: Optional[float], width: float,
+             baseline_s: float = RECOVERY_BASELINE_S) -> dict:
     """How long after the shift the share of oracle took to come back to within
-    RECOVERY_TOLERANCE of its level before the shift (windows from :func:`over_time`).
+    RECOVERY_TOLERANCE of its level before the shift: the mean over the windows
+    (from :func:`over_time`) in the last ``baseline_s`` before it.
 
     >>> s = [{"t": 0, "share_of_oracle": 0.5}, {"t": 10, "share_of_oracle": 0.1},
     ...      {"t": 20, "share_of_oracle": 0.48}]
@@ -135,41 +189,55 @@ def recovery(series: Sequence[dict], shift_at: Optional[float], width: float) ->
               if row["share_of_oracle"] is not None]
     if shift_at is None or not shares or not (shares[0][0] < shift_at <= shares[-1][0]):
         return {"spans_shift": False, "shift_at": shift_at}
-    before = [s for t, s in shares if t + width <= shift_at]
+    before = [s for t, s in shares if t + width <= shift_at and t >= shift_at - baseline_s - 1e-9]
     after = [(t, s) for t, s in shares if t >= shift_at]
     if not before or not after:
         return {"spans_shift": False, "shift_at": shift_at}
     level = float(np.mean(before))
     target = level - RECOVERY_TOLERANCE * abs(level)
     recovered = next((t + width - shift_at for t, s in after if s >= target), None)
-    return {"spans_shift": True, "shift_at": shift_at, "share_before": _round(level),
+    return {"spans_shift": True, "shift_at": shift_at, "baseline_s": baseline_s,
+            "share_before": _round(level),
             "share_min_after": _round(min(s for _, s in after)),
             "recovered_after_s": None if recovered is None else round(float(recovered), 3)}
 
 
-def prediction_quality(predictions: Sequence[dict], truth: dict) -> dict:
+def prediction_quality(predictions: Sequence[dict], truth: dict,
+                       fired: Optional[dict] = None) -> dict:
     """Calibration and normalized entropy of the served model's probabilities
     against the TRUE probabilities recorded at serving time, per head.
 
-    ``truth`` maps (request_id, item id) -> {head: true probability}.  The true
-    probability is a soft label: NE uses it as the expected log loss, and
-    ``ne_floor`` is the NE of the truth itself (what a perfect model gets).
+    ``truth`` maps (request_id, item id) -> {head: true probability} at the
+    position shown.  The true probability is a soft label: NE uses it as the
+    expected log loss, and ``ne_floor`` is the NE of the truth itself (what a
+    perfect model gets).  When a message logs the served items (stage
+    ``served``, at their shown position) only those are compared: the truth
+    is at the shown position too.  ``fired`` maps the same keys to the heads
+    sampled for that impression: each head's ``positives``.
 
     >>> preds = [{"request_id": "r", "heads": ["click"], "model": "m1",
     ...           "items": [["a", "second", [0.2]], ["b", "second", [0.4]]]}]
     >>> truth = {("r", "a"): {"click": 0.1}, ("r", "b"): {"click": 0.2}}
-    >>> prediction_quality(preds, truth)["heads"]["click"]["calibration"]
-    2.0
+    >>> q = prediction_quality(preds, truth, {("r", "b"): ["click"]})
+    >>> q["heads"]["click"]["calibration"], q["heads"]["click"]["positives"]
+    (2.0, 1)
     """
     pairs: dict[str, tuple[list, list]] = {}
+    positives: dict[str, int] = {}
     models, requests = set(), set()
+    fired = fired or {}
     for msg in predictions:
         heads = msg.get("heads", [])
-        for entry in msg.get("items", []):
+        entries = msg.get("items", [])
+        served = [e for e in entries if e[1] == "served"]
+        for entry in served or entries:
             item, _stage, probs = entry[0], entry[1], entry[2]
-            true = truth.get((msg.get("request_id"), item))
+            key = (msg.get("request_id"), item)
+            true = truth.get(key)
             if true is None:
                 continue
+            for head in fired.get(key, ()):
+                positives[head] = positives.get(head, 0) + 1
             models.add(msg.get("model"))
             requests.add(msg.get("request_id"))
             for head, p in zip(heads, probs):
@@ -182,7 +250,8 @@ def prediction_quality(predictions: Sequence[dict], truth: dict) -> dict:
                 "was live (the funnel ranked by retrieval scores)"}
     heads = {}
     for head, (pred, real) in pairs.items():
-        heads[head] = {"n": len(pred), "mean_predicted": _round(float(np.mean(pred))),
+        heads[head] = {"n": len(pred), "positives": positives.get(head, 0),
+                       "mean_predicted": _round(float(np.mean(pred))),
                        "mean_true": _round(float(np.mean(real))),
                        "calibration": _round(calibration(real, pred)),
                        "ne": _round(normalized_entropy(real, pred)),
@@ -245,12 +314,32 @@ def _session(world: World, producer, rng, p_user, k: int, request_id: str, t: fl
     return len(events)
 
 
+def fired_heads(events) -> dict:
+    """(request id, item id) -> heads that fired for that impression (``long_dwell``
+    from a dwell of at least LONG_DWELL_MS).
+
+    >>> from schemas.events import EngagementEvent
+    >>> ev = lambda kind, dwell=None: EngagementEvent(event_id=kind, user_id="u", item_id="i",
+    ...     event_type=kind, surface="explore", ts=1.0, request_id="r", dwell_ms=dwell)
+    >>> fired_heads([ev("impression"), ev("click"), ev("dwell", LONG_DWELL_MS)])
+    {('r', 'i'): ['click', 'long_dwell']}
+    """
+    out: dict = {}
+    for e in events:
+        head = ("long_dwell" if e.event_type == "dwell" and (e.dwell_ms or 0) >= LONG_DWELL_MS
+                else e.event_type)
+        if head in ENGAGEMENT_HEADS:
+            out.setdefault((e.request_id, e.item_id), []).append(head)
+    return out
+
+
 def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_s: float,
         progress: bool = True, k: int = 10, surface: str = SURFACE,
         warmup_sessions: Optional[int] = None, organic_per_s: Optional[float] = None,
         settle_s: float = 2.0, timeout: float = 2.0, time_scale: float = 1.0,
         bucket_s: Optional[float] = None, plot: Optional[str] = None,
-        log: Optional[list] = None) -> dict:
+        log: Optional[list] = None, tag: Optional[str] = None,
+        quality_from_s: Optional[float] = None) -> dict:
     """Run the closed loop for ``duration_s`` wall seconds; returns the summary.
 
     Simulated time is wall seconds since the loop started times ``time_scale``
@@ -259,23 +348,31 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
     system history; during it, ``organic_per_s`` organic sessions (default a
     quarter of the request rate) keep bringing fresh items in.  ``log``, if
     given, receives one dict per answered request (request id, user, items).
+    ``tag`` names the run's ids (default ``config.tag``, else a fresh random
+    one).  ``quality_from_s``, if given, adds the prediction quality of the
+    requests sent from that simulated second on.
     """
     from tqdm import tqdm
 
     from streams.client import RecommendationClient, RecommendationTimeout
     from streams.producer import EventProducer
 
+    config = replace(config, tag=tag or config.tag or uuid.uuid4().hex[:8])
     world = World(config)
+    context = {"namespace": namespace(config.tag)}
     rng = np.random.default_rng([config.seed, 5])
     p_user = world.activity / world.activity.sum()
     nonce = uuid.uuid4().hex[:8]
     warmup_sessions = 2 * config.n_users if warmup_sessions is None else warmup_sessions
     organic_per_s = requests_per_s / 4 if organic_per_s is None else organic_per_s
     counts = {"sent": 0, "answered": 0, "timeouts": 0, "errors": 0, "fallbacks": 0,
-              "empty_replies": 0, "foreign_items": 0, "warmup_events": 0, "organic_events": 0,
-              "served_events": 0, "sampled_positives": 0}
+              "empty_replies": 0, "short_replies": 0, "foreign_items": 0, "warmup_events": 0,
+              "organic_events": 0, "served_events": 0, "sampled_positives": 0}
     records: list[dict] = []
+    outcomes: list[tuple] = []
     truth: dict = {}
+    fired: dict = {}
+    sent_at: dict = {}
     started = time.time()
 
     with EventProducer(bootstrap) as producer:
@@ -293,52 +390,64 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
             next_send = next_organic = t0
             n_organic = 0
 
-            def handle(fut, user: int) -> None:
+            def handle(fut, user: int, t_sent: float) -> None:
                 t = (time.monotonic() - t0) * time_scale
                 world.step(t)
                 try:
                     reply = fut.result()
                 except RecommendationTimeout:
                     counts["timeouts"] += 1
+                    outcomes.append((t_sent, "timeout"))
                     return
                 except Exception:
                     counts["errors"] += 1
+                    outcomes.append((t_sent, "error"))
                     return
                 if reply.error:
                     counts["errors"] += 1
+                    outcomes.append((t_sent, "error"))
                     return
                 counts["answered"] += 1
                 counts["fallbacks"] += bool(reply.fallback)
-                served = [parse_item(i.item_id) for i in reply.items]
+                served = [parse_item(i.item_id, config.tag) for i in reply.items]
                 known = [i for i in served if i is not None and i < world.n_items]
                 counts["foreign_items"] += len(served) - len(known)
-                if not known:
-                    counts["empty_replies"] += 1
-                    return
-                # Counterfactuals first: the same user, same moment, same unseen catalogue.
+                counts["empty_replies"] += not known
+                counts["short_replies"] += 0 < len(known) < k
+                outcomes.append((t_sent, "answered" if known else "empty"))
+                # Counterfactuals first: the same user, same moment, same unseen catalogue,
+                # every policy filling all k slots (what the system did not show is its loss).
                 cands = world.candidates(user, t)
                 stats = {"system": list_stats(world, user, known, t)}
                 for name, policy in POLICIES.items():
-                    stats[name] = list_stats(world, user, policy(world, user, cands, len(known), t), t)
-                probs = world.probability_matrix(user, known, np.arange(len(known)), t)
-                for item, row in zip(known, probs):
-                    truth[(reply.request_id, item_id(item))] = dict(zip(ENGAGEMENT_HEADS, row.tolist()))
+                    stats[name] = list_stats(world, user, policy(world, user, cands, k, t), t)
                 events = world.events_for(user, known, reply.request_id, t, ts=time.time(),
                                           surface=surface)
-                producer.send_user_batch(events)
+                if known:
+                    probs = world.probability_matrix(user, known, np.arange(len(known)), t)
+                    for item, row in zip(known, probs):
+                        truth[(reply.request_id, item_id(item, config.tag))] = dict(
+                            zip(ENGAGEMENT_HEADS, row.tolist()))
+                    sent_at[reply.request_id] = t_sent
+                    fired.update(fired_heads(events))
+                    producer.send_user_batch(events)
                 counts["served_events"] += len(events)
                 counts["sampled_positives"] += sum(e.event_type in POSITIVE_HEADS for e in events)
-                records.append({"t": t, "stats": stats})
-                if log is not None:
-                    log.append({"request_id": reply.request_id, "user_id": user_id(user),
-                                "items": [item_id(i) for i in known], "t": t})
+                records.append({"t": t_sent, "stats": stats,
+                                "ranker": (reply.model_versions or {}).get("ranker", "")})
+                if log is not None and known:
+                    log.append({"request_id": reply.request_id,
+                                "user_id": user_id(user, config.tag),
+                                "items": [item_id(i, config.tag) for i in known], "t": t})
 
             while True:
                 now = time.monotonic()
                 sending = now - t0 < duration_s
                 if sending and now >= next_send:
                     user = int(rng.choice(len(p_user), p=p_user))
-                    pending.append((client.submit(user_id(user), surface, k, timeout=timeout), user))
+                    fut = client.submit(user_id(user, config.tag), surface, k, timeout=timeout,
+                                        context=context)
+                    pending.append((fut, user, (now - t0) * time_scale))
                     counts["sent"] += 1
                     next_send += 1.0 / requests_per_s
                 if sending and organic_per_s > 0 and now >= next_organic:
@@ -350,24 +459,25 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
                     next_organic += 1.0 / organic_per_s
                 # Replies are handled here, on this thread: the world is not thread-safe.
                 for _ in range(len(pending)):
-                    fut, user = pending.popleft()
+                    fut, user, t_sent = pending.popleft()
                     if fut.done():
-                        handle(fut, user)
+                        handle(fut, user, t_sent)
                         bar.update(1)
                         if progress and records and counts["answered"] % 20 == 0:
                             bar.set_postfix(share=aggregate(records[-200:])["share_of_oracle"],
                                             refresh=False)
                     else:
-                        pending.append((fut, user))
+                        pending.append((fut, user, t_sent))
                 if not sending and not pending:
                     break
                 time.sleep(0.001)
             bar.close()
 
+    end = duration_s * time_scale
     width = bucket_s or max(1.0, duration_s / 20) * time_scale
     summary = aggregate(records)
-    series = over_time(records, width)
-    predictions = read_predictions(bootstrap, {rid for rid, _ in truth})
+    series = over_time(records, width, end, outcomes)
+    predictions = read_predictions(bootstrap, set(sent_at))
     counts["items_created"] = world.n_items - config.n_authors * config.items_per_author
     counts["sampled_engagement_per_impression"] = _ratio(
         counts["sampled_positives"],
@@ -375,39 +485,50 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
     result = {
         "config": asdict(config),
         "run": {"requests_per_s": requests_per_s, "duration_s": duration_s, "k": k,
-                "surface": surface, "time_scale": time_scale,
-                "wall_s": round(time.time() - started, 2), **counts},
+                "surface": surface, "time_scale": time_scale, "namespace": context["namespace"],
+                "interval_s": width, "wall_s": round(time.time() - started, 2), **counts},
         "policies": summary["policies"],
         "share_of_oracle": summary["share_of_oracle"],
-        "prediction_quality": prediction_quality(predictions, truth),
+        "prediction_quality": prediction_quality(predictions, truth, fired),
         "adaptation": recovery(series, config.shift_at, width),
+        "model_versions": version_timeline(records),
         "over_time": series,
     }
+    if quality_from_s is not None:
+        late = {rid for rid, t in sent_at.items() if t >= quality_from_s}
+        result["prediction_quality_from"] = {
+            "from_s": quality_from_s,
+            **prediction_quality([m for m in predictions if m.get("request_id") in late],
+                                 truth, fired)}
     if plot:
         result["plot"] = save_plot(series, plot, config.shift_at)
     return result
 
 
 def save_plot(series: Sequence[dict], path: str, shift_at: Optional[float] = None) -> str:
-    """Value per request and engagement per impression over time, per policy, as
-    a PNG; says why when matplotlib is not installed (it is not a dependency)."""
+    """Share of oracle and value per request (per policy) over time, as a PNG; says
+    why when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "skipped: matplotlib is not installed"
-    fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    fig, (share_ax, value_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     ts = [row["t"] for row in series]
-    for ax, key in zip(axes, ("value_per_request", "engagement_per_impression")):
-        for name in NAMES:
-            ax.plot(ts, [row[key][name] for row in series], label=name)
+    share_ax.plot(ts, [row["share_of_oracle"] for row in series], marker=".", label="system")
+    share_ax.axhline(0.0, color="lightgrey", linewidth=0.8)
+    share_ax.set_ylabel("share of oracle")
+    for name in NAMES:
+        value_ax.plot(ts, [row["value_per_request"][name] for row in series], marker=".", label=name)
+    value_ax.set_ylabel("value per request")
+    value_ax.legend()
+    for ax in (share_ax, value_ax):
         if shift_at is not None:
-            ax.axvline(shift_at, color="grey", linestyle="--")
-        ax.set_ylabel(key.replace("_", " "))
-    axes[0].legend()
-    axes[1].set_xlabel("simulated seconds")
+            ax.axvline(shift_at, color="grey", linestyle="--", label="shift")
+    value_ax.set_xlabel("simulated seconds (start of each interval)")
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return str(path)
@@ -423,7 +544,8 @@ def format_summary(result: dict) -> str:
     run_ = result["run"]
     lines.append(f"share of oracle: {_fmt(result['share_of_oracle'])}  "
                  f"answered {run_['answered']}/{run_['sent']}, timeouts {run_['timeouts']}, "
-                 f"fallbacks {run_['fallbacks']}")
+                 f"fallbacks {run_['fallbacks']}, empty {run_['empty_replies']}, "
+                 f"short {run_['short_replies']} (namespace {run_['namespace']})")
     pq = result["prediction_quality"]
     lines.append("predictions: " + (", ".join(f"{h} cal {_fmt(v['calibration'])} ne {_fmt(v['ne'])}"
                                               for h, v in pq["heads"].items())
@@ -454,9 +576,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--burst-at", type=float, default=None,
                     help="simulated second of the viral burst")
     ap.add_argument("-k", type=int, default=10)
+    ap.add_argument("--interval", type=float, default=None,
+                    help="width of the over-time windows, simulated seconds "
+                         "(default a twentieth of the run)")
+    ap.add_argument("--tag", default=None,
+                    help="names this run's users and items (sim-<tag>-u5; letters and digits; "
+                         "default a fresh random one, so runs on one worker never meet)")
     ap.add_argument("--out", help="write the summary JSON here (and a PNG beside it)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.tag is not None and not args.tag.isalnum():
+        ap.error(f"--tag must be letters and digits, got {args.tag!r}")
     config = replace(WorldConfig(), n_users=args.users, n_authors=args.authors,
                      items_per_author=max(1, args.items // args.authors), seed=args.seed,
                      shift_at=args.shift_at, burst_at=args.burst_at)
@@ -464,7 +594,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     plot = str(Path(args.out).with_suffix(".png")) if args.out else None
     result = run(args.bootstrap, config, requests_per_s=args.rate, duration_s=args.duration,
-                 k=args.k, progress=not args.quiet, plot=plot)
+                 k=args.k, progress=not args.quiet, plot=plot, tag=args.tag,
+                 bucket_s=args.interval)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")

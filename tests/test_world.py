@@ -153,3 +153,19 @@ def test_events_follow_the_conditional_structure():
         assert all(e.dwell_ms is not None for e in slot if e.event_type == "dwell")
         assert len({e.event_id for e in slot}) == len(slot)
     assert all(e.user_id.startswith("sim-u") and e.author_id.startswith("sim-a") for e in events)
+
+
+def test_a_tagged_world_names_every_id_in_its_namespace_and_only_parses_its_own():
+    from models.world import item_id, namespace, parse_item
+    tagged = World(WorldConfig(**{**SMALL.__dict__, "tag": "run7"}))
+    events = tagged.events_for(0, [1, 2], "r", 0.0)
+    assert all(e.user_id.startswith("sim-run7-u") and e.item_id.startswith("sim-run7-i")
+               and e.author_id.startswith("sim-run7-a") for e in events)
+    assert all(e.item_id.startswith(namespace("run7")) for e in events)
+    assert parse_item(item_id(12, "run7"), "run7") == 12
+    assert parse_item(item_id(12, "run8"), "run7") is None and parse_item("sim-i12", "run7") is None
+    # The tag names the ids only: the same seed gives the same world and the same draws.
+    plain = World(SMALL).events_for(0, [1, 2], "r", 0.0)
+    assert [(e.event_type, e.position) for e in events] == [(e.event_type, e.position) for e in plain]
+    with pytest.raises(ValueError):
+        WorldConfig(tag="a-b")
