@@ -386,7 +386,7 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
             bar = tqdm(total=int(requests_per_s * duration_s), disable=not progress, unit="req",
                        desc="simulate")
             pending: deque = deque()
-            t0 = time.monotonic()
+            t0, loop_started_at = time.monotonic(), time.time()
             next_send = next_organic = t0
             n_organic = 0
 
@@ -486,7 +486,8 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
         "config": asdict(config),
         "run": {"requests_per_s": requests_per_s, "duration_s": duration_s, "k": k,
                 "surface": surface, "time_scale": time_scale, "namespace": context["namespace"],
-                "interval_s": width, "wall_s": round(time.time() - started, 2), **counts},
+                "interval_s": width, "loop_started_at": round(loop_started_at, 3),
+                "wall_s": round(time.time() - started, 2), **counts},
         "policies": summary["policies"],
         "share_of_oracle": summary["share_of_oracle"],
         "prediction_quality": prediction_quality(predictions, truth, fired),
@@ -501,13 +502,16 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
             **prediction_quality([m for m in predictions if m.get("request_id") in late],
                                  truth, fired)}
     if plot:
-        result["plot"] = save_plot(series, plot, config.shift_at)
+        result["plot"] = save_plot(series, plot, config.shift_at, width,
+                                   [span["from_s"] for span in result["model_versions"][1:]])
     return result
 
 
-def save_plot(series: Sequence[dict], path: str, shift_at: Optional[float] = None) -> str:
-    """Share of oracle and value per request (per policy) over time, as a PNG; says
-    why when matplotlib is not installed."""
+def save_plot(series: Sequence[dict], path: str, shift_at: Optional[float] = None,
+              width: float = 0.0, version_changes: Sequence[float] = ()) -> str:
+    """Share of oracle and value per request (per policy) per window, drawn at the
+    window's middle, the shift and the ranker's version changes marked, as a PNG;
+    says why when matplotlib is not installed."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -515,7 +519,7 @@ def save_plot(series: Sequence[dict], path: str, shift_at: Optional[float] = Non
     except ImportError:
         return "skipped: matplotlib is not installed"
     fig, (share_ax, value_ax) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    ts = [row["t"] for row in series]
+    ts = [row["t"] + width / 2 for row in series]
     share_ax.plot(ts, [row["share_of_oracle"] for row in series], marker=".", label="system")
     share_ax.axhline(0.0, color="lightgrey", linewidth=0.8)
     share_ax.set_ylabel("share of oracle")
@@ -524,9 +528,12 @@ def save_plot(series: Sequence[dict], path: str, shift_at: Optional[float] = Non
     value_ax.set_ylabel("value per request")
     value_ax.legend()
     for ax in (share_ax, value_ax):
+        for t in version_changes:
+            ax.axvline(t, color="lightsteelblue", linestyle=":", linewidth=0.8)
         if shift_at is not None:
-            ax.axvline(shift_at, color="grey", linestyle="--", label="shift")
-    value_ax.set_xlabel("simulated seconds (start of each interval)")
+            ax.axvline(shift_at, color="grey", linestyle="--")
+    share_ax.set_title("dashed: interest shift; dotted: the serving ranker changed", fontsize=9)
+    value_ax.set_xlabel("simulated seconds")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
