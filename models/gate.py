@@ -12,12 +12,12 @@ published.  NE and calibration mean what :mod:`models.metrics` says they mean.
 >>> labels, mask = labels_and_mask([{"click": 1}, {"click": 0}, {"click": 0}, {"click": 0}],
 ...                                heads=("click",))
 >>> window = ProgressiveValidation(live_version="v1", heads=("click",))
->>> window.add(labels, mask, candidate=[[0.6], [0.1], [0.2], [0.1]], live=[[0.3], [0.3], [0.3], [0.3]])
+>>> window.add(labels, mask, candidate=[[0.6], [0.1], [0.2], [0.1]], live=[[0.4], [0.2], [0.3], [0.2]])
 >>> rules = GateRules(min_examples=4, min_positives=1, value_heads=("click",),
 ...                   calibration_heads=("click",))
 >>> decision = window.decide(rules)
 >>> decision.state, decision.reason
-('live', 'weighted NE 0.420 beats live v1 (1.011) by 0.591; calibration click 1.00 (live 1.20)')
+('live', 'weighted NE 0.420 beats live v1 (0.764) by 0.344; calibration click 1.00 (live 1.10)')
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ MIN_NE_GAIN = 0.005
 #: Heads whose calibration must not get worse, and by how much (in |log calibration|) it may.
 CALIBRATION_HEADS = ("click", "like")
 CALIBRATION_SLACK = 0.02
+#: Calibration within [1/band, band] is good enough (the stability SLO's target for click and
+#: like): a candidate inside it passes even if the live version is closer to 1.
+CALIBRATION_BAND = 1.1
 
 
 def labels_and_mask(label_dicts: Sequence[Mapping[str, int]], heads: Sequence[str] = HEADS
@@ -146,6 +149,7 @@ class GateRules:
     min_ne_gain: float = MIN_NE_GAIN
     calibration_heads: tuple = CALIBRATION_HEADS
     calibration_slack: float = CALIBRATION_SLACK
+    calibration_band: float = CALIBRATION_BAND
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str], prefix: str = "STREAMREC_GATE_") -> "GateRules":
@@ -198,7 +202,9 @@ def decide(candidate: HeadTotals, live: Optional[HeadTotals], rules: GateRules =
     Then the candidate must (a) beat the base rate (NE below ``max_ne``) on every value
     head with ``min_positives``, and (b) with a version live, lower the weighted mean NE
     of those heads by ``min_ne_gain`` without calibration on ``calibration_heads``
-    moving further from 1 (by more than ``calibration_slack`` in |log|).
+    moving further from 1 (by more than ``calibration_slack`` in |log|, unless it stays
+    within ``calibration_band``).  A live version that itself fails (a) on these
+    examples has no standing: passing (a) is enough to replace it.
 
     >>> heads = ("click",)
     >>> y, m = [[1], [0], [0], [0]], [[1]] * 4
@@ -232,30 +238,38 @@ def decide(candidate: HeadTotals, live: Optional[HeadTotals], rules: GateRules =
     judged = [index[h] for h in rules.value_heads
               if h in index and candidate.positives[index[h]] >= rules.min_positives]
     evidence["judged_heads"] = [candidate.heads[j] for j in judged]
+    mean_c = _weighted_ne(candidate, judged)
+    evidence["candidate_ne"] = _rounded(mean_c)
+    if live is not None:
+        ne_l, cal_l = live.ne(), live.calibration()
+        mean_l = _weighted_ne(live, judged)
+        evidence["live_ne"] = _rounded(mean_l)
     for j in judged:
         if not ne_c[j] < rules.max_ne:  # NaN (one class only) fails too
             return Decision(False, f"{candidate.heads[j]} NE {ne_c[j]:.3f} does not beat the base "
                                    f"rate (must be below {rules.max_ne})", evidence)
-    mean_c = _weighted_ne(candidate, judged)
-    evidence["candidate_ne"] = _rounded(mean_c)
+    beats_base = ", ".join(f"{candidate.heads[j]} NE {ne_c[j]:.3f}" for j in judged)
     if live is None:
-        return Decision(True, "no version live; beats the base rate: " + ", ".join(
-            f"{candidate.heads[j]} NE {ne_c[j]:.3f}" for j in judged), evidence)
+        return Decision(True, "no version live; beats the base rate: " + beats_base, evidence)
+    lost = [j for j in judged if not ne_l[j] < rules.max_ne]
+    if lost:
+        # The live version fails the rule every candidate must pass (after a shift, say):
+        # it has no standing to compare against.
+        return Decision(True, f"live {live_name} no longer beats the base rate ("
+                        + ", ".join(f"{live.heads[j]} NE {ne_l[j]:.3f}" for j in lost)
+                        + "); the candidate does: " + beats_base, evidence)
 
-    mean_l = _weighted_ne(live, judged)
-    evidence["live_ne"] = _rounded(mean_l)
     gain = mean_l - mean_c
     if not gain >= rules.min_ne_gain:
         return Decision(False, f"weighted NE {mean_c:.3f} vs live {live_name} ({mean_l:.3f}): gain "
                                f"{gain:.3f} below the margin {rules.min_ne_gain}", evidence)
-    cal_l = live.calibration()
     checked = []
     for h in rules.calibration_heads:
         j = index.get(h)
         if j is None or candidate.positives[j] < rules.min_positives:
             continue
         off_c, off_l = abs(math.log(cal_c[j])), abs(math.log(cal_l[j]))
-        if not off_c <= off_l + rules.calibration_slack:
+        if off_c > max(off_l + rules.calibration_slack, math.log(rules.calibration_band)):
             return Decision(False, f"{h} calibration {cal_c[j]:.2f} is further from 1 than live "
                                    f"{live_name}'s {cal_l[j]:.2f}", evidence)
         checked.append(f"{h} {cal_c[j]:.2f} (live {cal_l[j]:.2f})")

@@ -127,8 +127,8 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
         raise RuntimeError(f"{model} {version}: manifest or registry record not delivered")
     registry = read_registry(bootstrap)
     if record.get("state") == "live":
-        retire_others(bootstrap, registry, record)
-        registry = read_registry(bootstrap)
+        registry.update((f"{r['model']}/{r['version']}", r)
+                        for r in retire_others(bootstrap, registry, record))
     keep = protected_versions(registry, model)
     for old_version, old_parts in published_versions(bootstrap, model)[:-keep_versions]:
         if old_version in keep:

@@ -42,6 +42,14 @@ def window(labels, mask, candidate, live=None, live_version="v-live", batches=5)
     return w
 
 
+def calibrated_to(probs, labels, target):
+    """``probs`` scaled so that click's and like's calibration on ``labels`` is ``target``."""
+    out = probs.copy()
+    for j in (CLICK, LIKE):
+        out[:, j] *= target * labels[:, j].sum() / probs[:, j].sum()
+    return out
+
+
 def constant(p, n):
     return np.full((n, len(HEADS)), p)
 
@@ -97,13 +105,29 @@ def test_no_better_than_live_within_the_margin_is_rejected():
 
 def test_worse_calibration_is_rejected_even_with_better_ne():
     x, true, labels, mask = world()
-    rate = constant(0.0, len(labels))
-    rate[:, CLICK], rate[:, LIKE] = labels[:, CLICK].mean(), labels[:, LIKE].mean()
-    over = np.clip(true * 1.35, 0, 1)
-    d = window(labels, mask, candidate=over, live=rate).decide()
+    blurred = true.copy()
+    blurred[:, CLICK], blurred[:, LIKE] = sigmoid(-1.6 + 0.3 * x), sigmoid(-3.0 + 0.3 * x)
+    over = np.clip(true * 1.25, 0, 1)
+    d = window(labels, mask, candidate=over, live=blurred).decide()
     assert d.evidence["candidate_ne"] < d.evidence["live_ne"] - GateRules().min_ne_gain, \
         "the candidate's NE alone would win"
-    assert not d.go_live and "calibration" in d.reason and "further from 1" in d.reason
+    assert not d.go_live and d.reason.startswith("click calibration 1.36 is further from 1")
+    # Inside the band [1/1.1, 1.1] a small loss of calibration does not block a better NE.
+    exact, slightly_high = calibrated_to(blurred, labels, 1.0), calibrated_to(true, labels, 1.07)
+    ok = window(labels, mask, candidate=slightly_high, live=exact).decide()
+    click = ok.evidence["heads"]["click"]
+    assert click["live"]["calibration"] == 1.0 and click["candidate"]["calibration"] == 1.07
+    assert ok.go_live, ok.reason
+
+
+def test_a_live_version_worse_than_the_base_rate_yields_to_one_that_beats_it():
+    x, true, labels, mask = world()
+    swapped = true.copy()  # after a shift: right on average, wrong about who clicks
+    swapped[:, CLICK], swapped[:, LIKE] = sigmoid(-1.8 - 1.5 * x), sigmoid(-3.2 - 1.2 * x)
+    learned = np.clip(true * 0.8, 0, 1)  # under-predicts: further from 1 than the live version
+    d = window(labels, mask, candidate=learned, live=swapped).decide()
+    assert d.go_live and "no longer beats the base rate" in d.reason, d.reason
+    assert d.evidence["heads"]["click"]["live"]["ne"] > 1
 
 
 def test_too_few_examples_or_positives_is_no_decision():
