@@ -75,15 +75,15 @@ async def ingest_batch(batch) -> None:
         use_event(event)
         partition = event.message.partition
         history = UserHistory.from_dict(user_history.get(user))
-        pending = labels.pending_for(user, partition, evs)
+        pending = labels.pending_for(user, partition, evs, now)
         fresh = 0
         for ev in sorted(evs, key=lambda e: e.ts):
             if history.is_duplicate(ev.event_id):
                 metrics.counters["duplicates_dropped"] += 1
                 continue
             if pending is not None:
-                labels.label_event(pending, history, ev, now)
-            labels.advance_watermark(partition, ev.ts)
+                labels.label_event(pending, history, ev)
+            labels.advance_watermark(partition, ev.ts, now)
             add_item_deltas(deltas, history, ev)
             history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
             fresh += 1

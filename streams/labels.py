@@ -1,11 +1,18 @@
-"""The label join's glue: open impressions per user, closed into training examples.
+"""The label join's glue: label state per user, closed into training examples.
 
-Ingest calls :func:`label_event` for every new event of a user and
-:func:`close_due` once per user and batch.  Quiet partitions still close their
-windows: every second each worker sends a tick to ``labels.ticks`` for the
-partitions it owns, and :func:`label_clock` closes what is due there (table
-writes need a stream event of the right partition, which a timer lacks).
-Closed examples go to ``training.examples`` in one message per batch.
+Ingest calls :func:`advance_watermark` and :func:`label_event` for every new
+event of a user and :func:`close_due` once per user and batch.  Windows close
+by each partition's :class:`~models.labels.EventClock` (the rules are in
+:mod:`models.labels`).  Quiet partitions still close their windows: every
+second each worker sends a tick to ``labels.ticks`` for the partitions it owns,
+and :func:`label_clock` closes what is due there (table writes need a stream
+event of the right partition, which a timer lacks).  Closed examples go to
+``training.examples`` in one message per batch.
+
+Counters: ``engagements_joined`` (attached to an impression, also when the
+impression came later), ``engagements_waiting`` (kept for an impression yet to
+come), ``late_engagements`` (their impression had closed: no label changed),
+``engagements_unmatched`` (waited a window for an impression that never came).
 """
 from __future__ import annotations
 
@@ -14,8 +21,7 @@ from collections import OrderedDict
 import orjson
 
 from models.history import UserHistory
-from models.labels import HEADS
-from models.labels import PendingLabels
+from models.labels import HEADS, EventClock, PendingLabels, heads_for
 from schemas.topics import LABEL_TICKS, TRAINING_EXAMPLES, partition_for
 from streams import metrics
 from streams.app import app
@@ -27,10 +33,13 @@ from streams.view import view
 ticks_topic = app.topic(LABEL_TICKS)
 examples_topic = app.topic(TRAINING_EXAMPLES)
 
-#: partition -> users with open impressions; rebuilt from the table after a restart.
-open_users: dict[int, set] = {}
-#: partition -> highest event time seen (the event-time watermark).
-watermarks: dict[int, float] = {}
+#: partition -> users with label state; rebuilt from the table after a restart.
+label_users: dict[int, set] = {}
+#: partition -> its event time (the watermark windows close by).
+clocks: dict[int, EventClock] = {}
+#: What an engagement's fate adds to (see PendingLabels.engagement).
+ENGAGEMENT_COUNTERS = {"joined": "engagements_joined", "waiting": "engagements_waiting",
+                       "late": "late_engagements"}
 #: (request_id, item) -> {source: normalised score} of recently served items, so
 #: an impression's example carries the retrieval scores it was served with.
 served_scores: "OrderedDict[tuple, dict]" = OrderedDict()
@@ -67,64 +76,85 @@ def impression_features(history: UserHistory, ev) -> dict:
     }
 
 
-def users_with_open_impressions(partition: int) -> set:
-    """This partition's users with open impressions (found in the table after a restart)."""
-    users = open_users.get(partition)
+def users_with_label_state(partition: int, now: float) -> set:
+    """This partition's users with label state (found in the table after a restart,
+    when the partition's clock restarts from the newest event time stored there)."""
+    users = label_users.get(partition)
     if users is None:
-        users = open_users[partition] = {
-            k for k, v in pending_labels.items()
-            if v and partition_for(k, settings.partitions) == partition}
+        users = label_users[partition] = set()
+        for user, state in pending_labels.items():
+            if state and partition_for(user, settings.partitions) == partition:
+                users.add(user)
+                latest = PendingLabels(state).latest_ts()
+                if latest is not None:
+                    advance_watermark(partition, latest, now)
     return users
 
 
-def pending_for(user: str, partition: int, events) -> "PendingLabels | None":
-    """The user's open impressions, or None when this batch cannot touch any.
+def pending_for(user: str, partition: int, events, now: float) -> "PendingLabels | None":
+    """The user's label state, or None when this batch cannot touch any.
 
-    Most batches of most users hold no impression and the user has none open:
+    Most batches of most users hold no impression and the user has no state:
     skipping the table read and write then is most of the label join's cost.
+    An engagement that names a request answers a served list, whose impression
+    may still be on its way, so it may wait for it.  One that names none, of a
+    user with no label state, comes from a producer that logs no impressions (a
+    ratings replay) far more often than ahead of its impression; keeping those
+    would cost a table write for every such engagement, so they are skipped.
     """
-    if user in users_with_open_impressions(partition) or any(
-            ev.event_type == "impression" for ev in events):
+    if user in users_with_label_state(partition, now) or any(
+            ev.event_type == "impression"
+            or (ev.request_id and heads_for(ev.event_type, ev.dwell_ms)) for ev in events):
         return PendingLabels(pending_labels.get(user), settings.label_window_s)
     return None
 
 
-def label_event(pending: PendingLabels, history: UserHistory, ev, now: float) -> None:
+def label_event(pending: PendingLabels, history: UserHistory, ev) -> None:
     if ev.event_type == "impression":
-        pending.impression(ev.item_id, ev.request_id, ts=ev.ts, arrived=now,
-                           features=impression_features(history, ev))
-    elif pending.engagement(ev.item_id, ev.request_id, ev.event_type, ts=ev.ts,
-                            dwell_ms=ev.dwell_ms):
-        metrics.counters["engagements_joined"] += 1
+        metrics.counters["engagements_joined"] += pending.impression(
+            ev.item_id, ev.request_id, ts=ev.ts, features=impression_features(history, ev))
+        return
+    fate = pending.engagement(ev.item_id, ev.request_id, ev.event_type, ts=ev.ts,
+                              dwell_ms=ev.dwell_ms)
+    if fate in ENGAGEMENT_COUNTERS:
+        metrics.counters[ENGAGEMENT_COUNTERS[fate]] += 1
 
 
 def close_due(user: str, pending: PendingLabels, partition: int, now: float) -> list[dict]:
     """Close what is due for one user and store the rest (call in the user's stream context)."""
     due = due_examples(pending, partition, now)
-    if pending.pending:
-        open_users.setdefault(partition, set()).add(user)
+    if pending.empty:
+        label_users.get(partition, set()).discard(user)
     else:
-        open_users.get(partition, set()).discard(user)
+        label_users.setdefault(partition, set()).add(user)
     store(user, pending)
     return due
 
 
 def store(user: str, pending: PendingLabels) -> None:
-    if pending.pending:
+    if not pending.empty:
         pending_labels[user] = pending.to_dict()
     elif user in pending_labels:
         del pending_labels[user]
 
 
+def clock_of(partition: int) -> EventClock:
+    clock = clocks.get(partition)
+    if clock is None:
+        clock = clocks[partition] = EventClock(idle_s=settings.label_wall_window_s)
+    return clock
+
+
 def due_examples(pending: PendingLabels, partition: int, now: float) -> list[dict]:
-    return pending.due(watermark=watermarks.get(partition, 0.0), now=now,
-                       window_s=settings.label_window_s,
-                       wall_window_s=settings.label_wall_window_s)
+    due = pending.due(watermark=clock_of(partition).at(now))
+    metrics.counters["engagements_unmatched"] += pending.unmatched
+    pending.unmatched = 0
+    return due
 
 
-def advance_watermark(partition: int, ts: float) -> None:
-    if ts > watermarks.get(partition, 0.0):
-        watermarks[partition] = ts
+def advance_watermark(partition: int, ts: float, now: float) -> None:
+    """Move the partition's event time (held to ``now`` plus the allowed clock skew)."""
+    clock_of(partition).advance(ts, now)
 
 
 #: Examples per message: each is 1-3 KB, and a message must stay under 1 MB.
@@ -154,14 +184,16 @@ async def close_partition(event) -> None:
     use_event(event)
     now = time.time()
     examples = []
-    for user in list(users_with_open_impressions(partition)):
+    for user in list(users_with_label_state(partition, now)):
         pending = PendingLabels(pending_labels.get(user), settings.label_window_s)
+        sizes = (len(pending.orphans), len(pending.closed))
         due = due_examples(pending, partition, now)
-        if due:
+        # Write only when something closed or was forgotten: most ticks change nothing.
+        if due or sizes != (len(pending.orphans), len(pending.closed)):
             examples.extend(due)
             store(user, pending)
-        if not pending.pending:
-            open_users[partition].discard(user)
+        if pending.empty:
+            label_users[partition].discard(user)
     await send_examples(examples)
 
 

@@ -36,9 +36,11 @@ class Settings:
     ingest_within_s: float = field(default_factory=lambda: float(_env("INGEST_WITHIN_S", "0.05")))
     trending_half_life_s: float = field(
         default_factory=lambda: float(_env("TRENDING_HALF_LIFE_S", "3600")))
-    #: Label join: engagements count for an impression this long after it (event time)...
+    #: Label join: engagements count for an impression this long after it (event time;
+    #: its window closes then, not before). Set it short for short closed loops...
     label_window_s: float = field(default_factory=lambda: float(_env("LABEL_WINDOW_S", "1800")))
-    #: ...and an impression waits at most this long (wall clock) on a quiet partition.
+    #: ...and a partition quiet this long (wall clock) lets its event time run on with
+    #: the wall clock, so windows there close too.
     label_wall_window_s: float = field(
         default_factory=lambda: float(_env("LABEL_WALL_WINDOW_S", "120")))
     #: Online training on/off (off: examples still flow, nobody learns from them here).
