@@ -194,7 +194,9 @@ def promote(bootstrap: str, record: dict) -> dict:
     if record["version"] not in dict(published_versions(bootstrap, record["model"])):
         raise RuntimeError(f"{record['model']} {record['version']}: its weights are no longer "
                            f"published")
-    new = set_state(bootstrap, record, "live")
+    import time
+    # Marked, so the registry tells an operator's choice from the gate's.
+    new = set_state(bootstrap, record, "live", promoted=time.time())
     retire_others(bootstrap, read_registry(bootstrap), new)
     return new
 

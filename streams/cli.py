@@ -165,7 +165,8 @@ def cmd_models(args) -> int:
                   f"parent={r.get('parent') or '-':24s} examples={lineage.get('examples_seen', 0)} "
                   f"owner={r.get('owner', '-')}")
             if r.get("decision"):
-                print(f"{'':34s}gate: {r['decision']['reason']}")
+                promoted = "; promoted by an operator" if r.get("promoted") else ""
+                print(f"{'':34s}gate: {r['decision']['reason']}{promoted}")
         return 0
     if args.action == "rollback":
         gone, back = model_store.rollback(bootstrap, args.model)
