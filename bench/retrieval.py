@@ -13,11 +13,12 @@ Method:
   from history only, once, with :mod:`models.pregen`, as the off-peak batch
   job would have been just before the split.
 * All events are then walked in time order while the streaming state the live
-  system keeps is maintained in-process with the same :mod:`models` functions
-  the ingest and item-stats agents use: per-user :class:`UserHistory`,
-  decayed trending boards per surface, co-engagement neighbours (pairs with
-  the user's last 10 positives, top 50 kept), item quality counts and author
-  boards (a movie's first genre is its author).  History events only warm
+  system keeps is maintained in-process with the fold the ingest and
+  item-stats agents run (:mod:`models.item_state`): per-user
+  :class:`UserHistory`, decayed trending boards per surface (and region),
+  co-engagement neighbours (pairs with the user's last 10 positives, decayed
+  by event time, top 50 kept), item quality counts and author boards (a
+  movie's first genre is its author).  History events only warm
   this state up, as a running system would have been.  As in the live
   pipeline, item deltas are folded in batches (``--batch`` events, and always
   just before an evaluation, so every earlier event counts).
@@ -52,14 +53,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import log, run  # noqa: E402
-from models.coengagement import MAX_NEIGHBOURS, add_neighbours, coengagement_pairs  # noqa: E402
 from models.funnel import DEFAULT_CONFIG, blend  # noqa: E402
 from models.history import UserHistory  # noqa: E402
+from models.item_state import add_item_deltas, apply_delta, profile, total_score  # noqa: E402
 from models.pregen import DAY_S, item_embeddings, popular  # noqa: E402
 from models.quality import is_objectionable  # noqa: E402
 from models.sources import SOURCES, RetrievalContext  # noqa: E402
-from models.trending import TrendingBoard, decayed, event_weight, merge_score  # noqa: E402
-from schemas.events import NEGATIVE_TYPES, POSITIVE_TYPES  # noqa: E402
+from models.trending import TrendingBoard  # noqa: E402
 # streams.replay is plain file parsing; it does not start the Faust app.
 from streams.replay import (SURFACE, find_dataset, load_authors, load_ratings,  # noqa: E402
                             to_events)
@@ -71,9 +71,8 @@ SOURCE_FETCH = 200
 #: ones that pad an index lookup by the fetch (models.sources._padded): a larger
 #: fetch looks further past the user's seen items.
 PREFIX_SOURCES = frozenset({"coengagement", "author", "pregen_popular"})
-#: Mirrors of the live agents' constants (streams.ingest / streams.item_stats),
-#: which cannot be imported here without starting the Faust app.
-COENGAGEMENT_LOOKBACK = 10
+#: Mirror of streams.item_stats.AUTHOR_ITEMS_SIZE, which cannot be imported
+#: here without starting the Faust app.
 AUTHOR_ITEMS_SIZE = 50
 
 
@@ -132,7 +131,8 @@ def build_index(vectors: dict[str, np.ndarray], kind: str):
 # --------------------------------------------------------------------------- live state
 
 class LiveState:
-    """What ingest + item_stats keep, folded in-process.
+    """What ingest + item_stats keep, folded in-process with their own functions
+    (:func:`models.item_state.add_item_deltas` and :func:`~models.item_state.apply_delta`).
 
     As in the live pipeline, user histories change event by event while item
     deltas gather into a batch that is folded into item state at once (the
@@ -145,9 +145,9 @@ class LiveState:
         self.half_life = half_life_s
         self.batch = batch
         self.histories: dict[str, UserHistory] = {}
-        #: item -> {"author", "trend": {surface: [score, ts]}, "nbrs": {item: w},
-        #: "nbr_authors": {item: author}, "q": {counter: n}, "first": ts}
+        #: item -> the item_stats table's record (see models.item_state.apply_delta).
         self.stats: dict[str, dict] = {}
+        #: trending key (surface, or surface@region) -> board, as item_stats keeps per partition.
         self.boards: dict[str, TrendingBoard] = {}
         self.author_boards: dict[str, TrendingBoard] = {}
         self.likes: Counter = Counter()
@@ -163,7 +163,8 @@ class LiveState:
         h = self.histories.setdefault(ev.user_id, UserHistory())
         if h.is_duplicate(ev.event_id):
             return
-        self._add_deltas(h, ev)  # from the history before this event, as ingest does
+        # From the history before this event, as ingest does.
+        add_item_deltas(self.pending, h, ev, self.half_life)
         h.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
         if ev.event_type == "like":
             self.likes[ev.item_id] += 1
@@ -171,76 +172,21 @@ class LiveState:
         if self.pending_events >= self.batch:
             self.flush()
 
-    def _add_deltas(self, h: UserHistory, ev) -> None:
-        own = self.pending.setdefault(ev.item_id, {"author": None, "trend": {}, "co": {},
-                                                   "counts": {}})
-        if ev.author_id is not None:
-            own["author"] = ev.author_id
-        own["counts"][ev.event_type] = own["counts"].get(ev.event_type, 0) + 1
-        own["trend"][ev.surface] = merge_score(own["trend"].get(ev.surface),
-                                               event_weight(ev.event_type, ev.dwell_ms), ev.ts,
-                                               self.half_life)
-        if ev.event_type in POSITIVE_TYPES:
-            recent = h.positives[-COENGAGEMENT_LOOKBACK:]
-            authors = {p[0]: p[2] for p in recent}
-            authors[ev.item_id] = ev.author_id
-            for src, dst, w in coengagement_pairs([p[0] for p in recent], ev.item_id):
-                d = self.pending.setdefault(src, {"author": None, "trend": {}, "co": {},
-                                                  "counts": {}})
-                d["co"][dst] = [d["co"].get(dst, [0.0])[0] + w, authors.get(dst)]
-
     def flush(self) -> None:
+        """Fold the pending deltas as the item_stats agent folds one batch."""
         for item, delta in self.pending.items():
-            self._fold(item, delta)
+            stats, _ = apply_delta(self.stats.get(item), delta, self.half_life)
+            self.stats[item] = stats
+            for key in delta["trend"]:
+                board = self.boards.setdefault(key, TrendingBoard(self.half_life))
+                board.set(item, stats["trend"][key], stats["author"])
+            if stats["author"] is not None and stats["trend"]:
+                board = self.author_boards.setdefault(
+                    stats["author"], TrendingBoard(self.half_life, capacity=AUTHOR_ITEMS_SIZE))
+                board.set(item, total_score(stats["trend"], self.half_life), stats["author"])
         self.pending = {}
         self.pending_events = 0
         self.version += 1
-
-    def _fold(self, item: str, delta: dict) -> None:
-        stats = self.stats.get(item)
-        if stats is None:
-            stats = self.stats[item] = {"author": None, "trend": {}, "nbrs": {}, "nbr_authors": {},
-                                        "q": {}, "first": float("inf")}
-        if delta["author"] is not None:
-            stats["author"] = delta["author"]
-        for event_type, n in delta["counts"].items():
-            key = quality_key(event_type)
-            if key:
-                stats["q"][key] = stats["q"].get(key, 0) + n
-        for surface, (score, ts) in delta["trend"].items():
-            stats["first"] = min(stats["first"], ts)  # the item's age, as item_stats keeps it
-            stats["trend"][surface] = merge_score(stats["trend"].get(surface), score, ts,
-                                                  self.half_life)
-            board = self.boards.setdefault(surface, TrendingBoard(self.half_life))
-            board.set(item, stats["trend"][surface], stats["author"])
-        if delta["co"]:
-            # Weights and authors kept apart (item_stats stores [w, author] pairs)
-            # to keep this fold cheap; an item's author never changes here.
-            for other, (_, author) in delta["co"].items():
-                if author is not None or other not in stats["nbr_authors"]:
-                    stats["nbr_authors"][other] = author
-            stats["nbrs"] = add_neighbours(stats["nbrs"],
-                                           {k: w for k, (w, _) in delta["co"].items()},
-                                           MAX_NEIGHBOURS)
-        if stats["author"] is not None and delta["trend"]:
-            board = self.author_boards.setdefault(
-                stats["author"], TrendingBoard(self.half_life, capacity=AUTHOR_ITEMS_SIZE))
-            board.set(item, total_score(stats["trend"], self.half_life), stats["author"])
-
-
-def quality_key(event_type: str) -> Optional[str]:
-    """The quality counter an event feeds (as streams.item_stats.QUALITY_KEYS)."""
-    if event_type in POSITIVE_TYPES:
-        return "pos"
-    if event_type in NEGATIVE_TYPES:
-        return event_type
-    return "imp" if event_type == "impression" else None
-
-
-def total_score(trend: dict, half_life: float) -> list:
-    """An item's engagement over all surfaces, as of its latest one."""
-    latest = max(ts for _, ts in trend.values())
-    return [sum(decayed(s, ts, latest, half_life) for s, ts in trend.values()), latest]
 
 
 class ReplayView:
@@ -269,11 +215,7 @@ class ReplayView:
 
     def neighbours(self, item):
         stats = self.state.stats.get(item)
-        if stats is None:
-            return []
-        authors = stats["nbr_authors"]
-        return [(o, w, authors.get(o)) for o, w in
-                sorted(stats["nbrs"].items(), key=lambda kv: -kv[1])]
+        return [] if stats is None else [tuple(n) for n in profile(stats)["nbrs"]]
 
     def author_items(self, author):
         board = self.state.author_boards.get(author)
@@ -284,12 +226,10 @@ class ReplayView:
         return self.state.stats.get(item, {}).get("author")
 
     def quality(self, item):
-        stats = self.state.stats.get(item)
-        return stats["q"] if stats else None
+        return self.state.stats.get(item, {}).get("q")
 
     def first_seen(self, item):
-        first = self.state.stats.get(item, {}).get("first", float("inf"))
-        return None if first == float("inf") else first
+        return self.state.stats.get(item, {}).get("first")
 
     def embedding(self, item):
         return self.index.vector(item) if self.index is not None and item in self.index else None
@@ -422,8 +362,8 @@ def main(args: argparse.Namespace) -> dict:
                    "(per surface) and item embeddings (models.pregen) computed from it once, "
                    "at the split. Streaming state (UserHistory, trending boards, co-engagement "
                    "neighbours, quality counts, author boards = first genre) folded in-process "
-                   "over all events in time order with models.* functions, as ingest + "
-                   "item_stats do (item deltas folded per batch of {} events and before each "
+                   "over all events in time order with models.item_state, the fold ingest + "
+                   "item_stats run (item deltas folded per batch of {} events and before each "
                    "evaluation). Before each sampled like in the rest, the models.sources "
                    "functions run on an ItemView over that state: each alone with fetch={}, "
                    "and blended with DEFAULT_CONFIG fetches/weights (objectionable filtered); "

@@ -3,7 +3,7 @@
 Consumes ``item.deltas`` (bundles of per-item deltas, each on the partition
 that owns its items, see :func:`streams.ingest.bundle_by_partition`), keeps
 each item's trending scores, quality counts and co-engagement neighbours in
-the ``item_stats`` table, and publishes what every worker needs, coalesced per
+the ``item_stats`` table (the fold is :mod:`models.item_state`), and publishes what every worker needs, coalesced per
 interval: per-partition trending snapshots (``trending.snapshots``), each
 changed item's profile (``item.profiles``) and each author's best recent items
 per partition (``author.items``).
@@ -14,8 +14,9 @@ import time
 
 import orjson
 
-from models.coengagement import add_neighbours, neighbour_decay
-from models.trending import TrendingBoard, decayed, merge_score
+# The fold is pure (models.item_state); this module keeps table I/O, boards and publishing.
+from models.item_state import apply_delta, decode_bundle, profile, total_score
+from models.trending import TrendingBoard
 from schemas.topics import AUTHOR_ITEMS, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
 from streams import metrics
 from streams.app import app
@@ -54,34 +55,6 @@ def board_for(surface: str, partition: int) -> TrendingBoard:
     return board
 
 
-def decode_bundle(raw: bytes):
-    """A ``{item: delta}`` bundle, or a string saying why ``raw`` is not one.
-
-    >>> decode_bundle(b'{"i1": {"trend": {"explore": [1.0, 5.0]}}}')["i1"]["trend"]
-    {'explore': [1.0, 5.0]}
-    >>> decode_bundle(b'{"i1": {"trend": 3}}')
-    "item delta for 'i1' is malformed: 'trend' must map surface to [score, ts]"
-    """
-    try:
-        bundle = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return f"item delta bundle is not JSON: {exc}"
-    if not isinstance(bundle, dict):
-        return "item delta bundle must be a JSON object {item_id: delta}"
-    for item, delta in bundle.items():
-        if not isinstance(delta, dict):
-            return f"item delta for {item!r} must be an object"
-        trend = delta.get("trend", {})
-        if not isinstance(trend, dict) or not all(
-                isinstance(v, list) and len(v) == 2 for v in trend.values()):
-            return f"item delta for {item!r} is malformed: 'trend' must map surface to [score, ts]"
-        co = delta.get("co", {})
-        if not isinstance(co, dict) or not all(
-                isinstance(v, list) and len(v) == 2 for v in co.values()):
-            return f"item delta for {item!r} is malformed: 'co' must map item to [weight, author]"
-    return bundle
-
-
 def author_board_for(author: str, partition: int) -> TrendingBoard:
     key = (author, partition)
     board = author_boards.get(key)
@@ -92,47 +65,6 @@ def author_board_for(author: str, partition: int) -> TrendingBoard:
         for item, score, _ in (last or {}).get("items", []):
             board.set(item, [score, last["ts"]], author)
     return board
-
-
-QUALITY_KEYS = {"like": "pos", "click": "pos", "save": "pos", "share": "pos", "comment": "pos",
-                "follow": "pos", "impression": "imp", "see_less": "see_less", "report": "report"}
-
-
-def apply_delta(stats: dict | None, delta: dict, half_life: float) -> tuple[dict, bool]:
-    """Merge one item delta into the item's stored stats; says if its profile changed."""
-    stats = stats or {"author": None, "trend": {}, "nbrs": {}}
-    author_changed = delta.get("author") is not None and delta["author"] != stats["author"]
-    if author_changed:
-        stats["author"] = delta["author"]
-    counts = delta.get("counts") or {}
-    if counts:
-        q = stats.setdefault("q", {})
-        for event_type, n in counts.items():
-            key = QUALITY_KEYS.get(event_type)
-            if key is not None:
-                q[key] = q.get(key, 0) + n
-    for surface, (score, ts) in delta.get("trend", {}).items():
-        if ts < stats.get("first", float("inf")):
-            stats["first"] = ts  # when the item was first engaged with: its age
-        old = stats["trend"].get(surface)
-        if old is None:
-            stats["trend"][surface] = [score, ts]
-        else:
-            stats["trend"][surface] = merge_score(old, score, ts, half_life)
-    co = delta.get("co") or {}
-    if co:
-        weights = {k: v[0] for k, v in stats["nbrs"].items()}
-        authors = {k: v[1] for k, v in stats["nbrs"].items()}
-        for other, (_, author) in co.items():
-            if author is not None or other not in authors:
-                authors[other] = author
-        now = max((ts for _, ts in delta.get("trend", {}).values()), default=None)
-        decay = neighbour_decay(stats.get("nbrs_ts"), now) if now is not None else 1.0
-        kept = add_neighbours(weights, {k: v[0] for k, v in co.items()}, decay=decay)
-        stats["nbrs"] = {k: [w, authors.get(k)] for k, w in kept.items()}
-        if now is not None:
-            stats["nbrs_ts"] = max(now, stats.get("nbrs_ts") or now)
-    return stats, bool(co) or bool(counts) or author_changed
 
 
 @app.agent(item_deltas_topic)
@@ -181,23 +113,6 @@ async def apply_batch(batch) -> None:
     if (_dirty or _dirty_profiles or _dirty_authors) and now - _last_publish >= settings.snapshot_interval_s:
         await publish_snapshots(now)
         _last_publish = now
-
-
-def total_score(trend: dict, half_life: float) -> list:
-    """An item's engagement over all surfaces as one ``[score, ts]``.
-
-    >>> total_score({"a": [1.0, 10.0], "b": [2.0, 10.0]}, 60.0)
-    [3.0, 10.0]
-    """
-    latest = max(ts for _, ts in trend.values())
-    return [sum(decayed(s, ts, latest, half_life) for s, ts in trend.values()), latest]
-
-
-def profile(stats: dict) -> dict:
-    """The compact, shared view of an item: author, quality counts, top neighbours."""
-    ranked = sorted(stats["nbrs"].items(), key=lambda kv: -kv[1][0])
-    return {"author": stats.get("author"), "q": stats.get("q", {}), "first": stats.get("first"),
-            "nbrs": [[o, w, a] for o, (w, a) in ranked]}
 
 
 async def publish_snapshots(now: float) -> None:
