@@ -4,13 +4,12 @@
     ~/.cache/streamrec/venv/bin/python bench/quality.py           # all 100k
 
 Ratings are replayed in time order, ``(timestamp, user, item)``.  Each rating
-is one impression of that item to that user, with labels derived from the
-stars:
+is one impression of that item to that user, labelled by what the rating
+stands for (:mod:`models.movielens`, the mapping the live replay emits):
 
-* ``click`` = rating >= 3 (so click = 1 - see_less here: MovieLens logs only
-  rated items, and we call a 3-star rating "engaged, but no like");
-* ``like`` = rating >= 4;
-* ``see_less`` = rating <= 2;
+* 4-5 stars: a click, then a like (``click`` = ``like`` = 1);
+* 3 stars: a click and no more (``click`` = 1);
+* 1-2 stars: a see_less (``see_less`` = 1), so click = 1 - see_less here;
 * save, share, comment, follow, long_dwell: no signal in this dataset, so
   they are absent (masked out of training, not reported).
 
@@ -20,8 +19,10 @@ measures P(label | rated), not P(label | shown) (see the dataset's SOURCE.md).
 Serving-time features of each example are computed from earlier ratings only
 (in replay order): the user's last 20 positives (rating >= 3), the user's
 positives per "author" (a movie's first genre, as in :mod:`streams.replay`),
-the item's counts so far (every earlier rating counts as an impression) and
-the item's age since its first rating.  No retrieval ran, so source scores
+the item's counts so far as the item-stats agent keeps them from the replay
+(every earlier rating an impression, each of its engagements counted by
+:data:`models.item_state.QUALITY_KEYS`, so a good rating adds two positives)
+and the item's age since its first rating.  No retrieval ran, so source scores
 are empty.
 
 The first 20% bootstraps a model (``Trainer.pretrain``).  For the remaining
@@ -49,20 +50,17 @@ if str(ROOT) not in sys.path:
 
 from bench.common import log  # noqa: E402
 from models.features import HEADS, MAX_RECENT, CollisionCounter, Example  # noqa: E402
+from models.item_state import QUALITY_KEYS  # noqa: E402
 from models.metrics import summarize  # noqa: E402
+from models.movielens import RATED_HEADS, rating_engagements, rating_labels  # noqa: E402
 from models.mtml import RankerConfig  # noqa: E402
 from models.training import Trainer  # noqa: E402
 from models.two_tower import TowerConfig  # noqa: E402
 from streams.replay import find_dataset, load_authors, load_ratings  # noqa: E402
 
-REPORTED = ("click", "like", "see_less")
+REPORTED = RATED_HEADS
 ABSENT = tuple(h for h in HEADS if h not in REPORTED)
 ARMS = ("online", "frozen", "base_rate")
-
-
-def labels_of(rating: int) -> dict:
-    """Heads this dataset can speak for; the others stay absent (masked)."""
-    return {"click": int(rating >= 3), "like": int(rating >= 4), "see_less": int(rating <= 2)}
 
 
 def build_examples(ratings, authors: dict) -> list[Example]:
@@ -79,7 +77,7 @@ def build_examples(ratings, authors: dict) -> list[Example]:
         by_author = user_authors.setdefault(r.user, Counter())
         out.append(Example(
             user_id=str(r.user), item_id=str(r.item), author_id=author, surface="explore",
-            ts=float(r.ts), position=None, labels=labels_of(r.rating),
+            ts=float(r.ts), position=None, labels=rating_labels(r.rating),
             user_recent=[str(i) for i in user_recent], user_authors=dict(by_author),
             item_counts=dict(item_counts),
             item_age_s=float(r.ts - first_ts[r.item]) if r.item in first_ts else 0.0,
@@ -87,15 +85,15 @@ def build_examples(ratings, authors: dict) -> list[Example]:
             request_id=f"{r.user}:{r.ts // 3600}"))
         first_ts.setdefault(r.item, r.ts)
         item_counts["imp"] += 1
-        if r.rating >= 3:
-            item_counts["pos"] += 1
+        engagements = [QUALITY_KEYS[e] for e in rating_engagements(r.rating)]
+        for key in engagements:
+            item_counts[key] += 1
+        if "pos" in engagements:
             if r.item in user_recent:
                 user_recent.remove(r.item)
             user_recent.append(r.item)
             if author is not None:
                 by_author[author] += 1
-        else:
-            item_counts["see_less"] += 1
     return out
 
 
@@ -219,7 +217,9 @@ def main(argv=None) -> dict:
         "caveat": ("MovieLens logs only rated items (no shown-but-ignored impressions): every "
                    "metric measures P(label | rated), not P(label | shown); see SOURCE.md"),
         "labels": {"click": "rating >= 3 (so click = 1 - see_less on this data)",
-                   "like": "rating >= 4", "see_less": "rating <= 2"},
+                   "like": "rating >= 4", "see_less": "rating <= 2",
+                   "mapping": "models.movielens.rating_engagements, as the live replay emits",
+                   "item_counts": "as item_stats counts the replay: 4-5 stars add 2 positives"},
         "absent_heads": list(ABSENT),
         "arms": {"online": "bootstrapped model that keeps learning, one step per batch",
                  "frozen": "frozen copy of the bootstrapped model",

@@ -5,10 +5,11 @@
 
 Method:
 
-* Events are the ratings as :func:`streams.replay.to_events` makes them, with
-  the real time gaps kept (``time_scale=1``), so decay windows mean real days.
-  A positive is a ``like`` (4-5 stars).
-* Split in time: the first 80% of events (``--split``) are history.  The
+* Events are the ratings as :func:`streams.replay.to_events` makes them
+  (:mod:`models.movielens`: 4-5 stars a click then a like), with the real
+  time gaps kept (``time_scale=1``), so decay windows mean real days.  A
+  positive is a ``like`` (4-5 stars).
+* Split in time: the first 80% of ratings (``--split``) are history.  The
   pre-generated products (popular per surface, item embeddings) are computed
   from history only, once, with :mod:`models.pregen`, as the off-peak batch
   job would have been just before the split.
@@ -18,17 +19,18 @@ Method:
   :class:`UserHistory`, decayed trending boards per surface (and region),
   co-engagement neighbours (pairs with the user's last 10 positives, decayed
   by event time, top 50 kept), item quality counts and author boards (a
-  movie's first genre is its author).  History events only warm
-  this state up, as a running system would have been.  As in the live
-  pipeline, item deltas are folded in batches (``--batch`` events, and always
-  just before an evaluation, so every earlier event counts).
-* Before each like in the remaining 20% (or a seeded uniform sample of them,
-  ``--max-points``) the real source functions of :mod:`models.sources` run
-  against an ``ItemView`` over that state, each alone with ``fetch=200``, and
-  blended with :data:`models.funnel.DEFAULT_CONFIG`'s fetches and weights
-  (objectionable items filtered as in ``recommend``).  A point is a hit at K
-  if the liked item is among the first K candidates; items the user has seen
-  are excluded everywhere.  The baseline ranks items by all-time like counts
+  movie's first genre is its author).  History events only warm this state
+  up, as a running system would have been.  As in the live pipeline, item
+  deltas are folded in batches (``--batch`` events, and always just before an
+  evaluation, so every earlier event counts).
+* Before each liked rating in the remaining 20% (or a seeded uniform sample
+  of them, ``--max-points``), before its click, the real source functions of
+  :mod:`models.sources` run against an ``ItemView`` over that state, each
+  alone with ``fetch=200``, and blended with
+  :data:`models.funnel.DEFAULT_CONFIG`'s fetches and weights (objectionable
+  items filtered as in ``recommend``).  A point is a hit at K if the liked
+  item is among the first K candidates; items the user has seen are excluded
+  everywhere.  The baseline ranks items by all-time like counts
   so far, minus the user's seen items.
 * Vector search is exhaustive numpy cosine by default (1.5k items); ``--ann
   hnsw`` uses :class:`stores.ann.AnnIndex` as the serving view builds it.
@@ -306,18 +308,40 @@ def evaluate_point(ev, state: LiveState, view: ReplayView, tallies: dict) -> Non
     tallies["popularity_baseline"].add(popular_now, target)
 
 
-def main(args: argparse.Namespace) -> dict:
-    t0, cpu0 = time.monotonic(), time.process_time()
-    path = find_dataset(args.dataset)
+def rating_groups(events: list) -> list[list]:
+    """Consecutive events of one user and item: each rating's engagements
+    (:func:`streams.replay.to_events` yields them together, a click before a like)."""
+    groups: list[list] = []
+    for ev in events:
+        if groups and (groups[-1][0].user_id, groups[-1][0].item_id) == (ev.user_id, ev.item_id):
+            groups[-1].append(ev)
+        else:
+            groups.append([ev])
+    return groups
+
+
+def load_split(dataset: Optional[str], split: float) -> tuple:
+    """MovieLens as events in real time, as ratings' event groups in time order:
+    ``(path, all events, history ratings, later ratings)``, split after the first
+    ``split`` share of ratings."""
+    path = find_dataset(dataset)
     ratings = load_ratings(path)
     events = list(to_events(ratings, load_authors(path), end_at=float(ratings[-1].ts),
                             time_scale=1.0))
-    split = int(len(events) * args.split)
-    history_events, test_events = events[:split], events[split:]
-    split_ts = test_events[0].ts
-    log(f"{len(events)} events; history {len(history_events)}, test {len(test_events)} "
-        f"({(test_events[-1].ts - split_ts) / DAY_S:.1f} days)")
+    groups = rating_groups(events)
+    cut = int(len(groups) * split)
+    history, test = groups[:cut], groups[cut:]
+    log(f"{len(groups)} ratings as {len(events)} events; history {len(history)} ratings, "
+        f"test {len(test)} ratings ({(test[-1][0].ts - test[0][0].ts) / DAY_S:.1f} days)")
+    return path, events, history, test
 
+
+def warm_up(args: argparse.Namespace, history: list[list], split_ts: float,
+            before_apply=None) -> tuple:
+    """The pre-generated batch computed at the split from history only, and the
+    streaming state warmed up on history; ``before_apply(group)`` sees each history
+    rating just before its events are applied.  Returns ``(state, view, info)``."""
+    history_events = [ev for group in history for ev in group]
     t_pregen = time.monotonic()
     pregen_lists = {"popular": popular(history_events, now=split_ts,
                                        window_days=args.popular_window_days,
@@ -331,80 +355,117 @@ def main(args: argparse.Namespace) -> dict:
     state = LiveState(args.half_life_days * DAY_S, batch=args.batch)
     view = ReplayView(state, pregen_lists, index)
     t_warm = time.monotonic()
-    for ev in history_events:
-        state.apply(ev)
-    warm_s = time.monotonic() - t_warm
+    for group in history:
+        if before_apply is not None:
+            before_apply(group)
+        for ev in group:
+            state.apply(ev)
+    info = {"history_events": len(history_events), "ann": ann,
+            "pregen": {"popular_window_days": args.popular_window_days,
+                       "popular_half_life_days": args.popular_half_life_days,
+                       "embedding_dim": args.dim, "items_with_vectors": len(vectors),
+                       "computed_at": "split (once, history events only)"},
+            "pregen_s": round(pregen_s, 1), "warm_up_s": round(time.monotonic() - t_warm, 1)}
+    return state, view, info
 
-    likes = [n for n, ev in enumerate(test_events) if ev.event_type == "like"]
-    max_points = 1000 if args.quick else args.max_points
-    chosen = set(random.Random(args.seed).sample(likes, max_points)
-                 if max_points and len(likes) > max_points else likes)
-    tallies = {name: Tally() for name in [*SOURCES, "blend", "popularity_baseline"]}
-    cold = 0
-    t_walk = time.monotonic()
+
+def sample_likes(test: list[list], max_points: int, seed: int) -> tuple[set, int]:
+    """Indices of the later ratings to evaluate (a seeded sample of those with a like),
+    and how many have one."""
+    likes = [n for n, group in enumerate(test) if any(ev.event_type == "like" for ev in group)]
+    chosen = (random.Random(seed).sample(likes, max_points)
+              if max_points and len(likes) > max_points else likes)
+    return set(chosen), len(likes)
+
+
+def walk(test: list[list], state: "LiveState", chosen: set, evaluate, progress: bool,
+         before_apply=None) -> float:
+    """Apply the later ratings in time order; before each chosen one (before its click,
+    so the liked item is still unseen), fold pending deltas and call ``evaluate(like)``;
+    ``before_apply(group)`` then sees every rating just before its events are applied.
+    Returns the seconds spent evaluating."""
     eval_s = 0.0
-    for n, ev in enumerate(tqdm(test_events, desc="walk", unit="ev", file=sys.stderr,
-                                mininterval=2.0, disable=args.no_progress)):
+    for n, group in enumerate(tqdm(test, desc="walk", unit="rating", file=sys.stderr,
+                                   mininterval=2.0, disable=not progress)):
         if n in chosen:
             t_eval = time.monotonic()
-            cold += not state.history(ev.user_id).positive_seeds(ev.ts, 1)
             state.flush()
-            evaluate_point(ev, state, view, tallies)
+            evaluate(next(ev for ev in group if ev.event_type == "like"))
             eval_s += time.monotonic() - t_eval
-        state.apply(ev)
+        if before_apply is not None:
+            before_apply(group)
+        for ev in group:
+            state.apply(ev)
+    return eval_s
+
+
+def main(args: argparse.Namespace) -> dict:
+    t0, cpu0 = time.monotonic(), time.process_time()
+    path, events, history, test = load_split(args.dataset, args.split)
+    test_events = [ev for group in test for ev in group]
+    split_ts = test_events[0].ts
+    state, view, info = warm_up(args, history, split_ts)
+
+    chosen, n_likes = sample_likes(test, 1000 if args.quick else args.max_points, args.seed)
+    tallies = {name: Tally() for name in [*SOURCES, "blend", "popularity_baseline"]}
+    cold = 0
+
+    def evaluate(like) -> None:
+        nonlocal cold
+        cold += not state.history(like.user_id).positive_seeds(like.ts, 1)
+        evaluate_point(like, state, view, tallies)
+
+    t_walk = time.monotonic()
+    eval_s = walk(test, state, chosen, evaluate, progress=not args.no_progress)
     walk_s = time.monotonic() - t_walk
 
     points = len(chosen)
     return {
         "bench": "retrieval",
-        "method": ("MovieLens-100k as events with real time gaps (time_scale=1); positive = like "
-                   "(4-5 stars). First {:.0%} of events by time = history: pre-generated popular "
+        "method": ("MovieLens-100k as events with real time gaps (time_scale=1), each rating "
+                   "as models.movielens maps it (4-5 stars: click then like); positive = like. "
+                   "First {:.0%} of ratings by time = history: pre-generated popular "
                    "(per surface) and item embeddings (models.pregen) computed from it once, "
                    "at the split. Streaming state (UserHistory, trending boards, co-engagement "
                    "neighbours, quality counts, author boards = first genre) folded in-process "
                    "over all events in time order with models.item_state, the fold ingest + "
                    "item_stats run (item deltas folded per batch of {} events and before each "
-                   "evaluation). Before each sampled like in the rest, the models.sources "
-                   "functions run on an ItemView over that state: each alone with fetch={}, "
-                   "and blended with DEFAULT_CONFIG fetches/weights (objectionable filtered); "
-                   "hit@K = liked item among the first K candidates, seen items excluded. "
-                   "Baseline: all-time like counts so far, minus seen items."
+                   "evaluation). Before each sampled liked rating in the rest (before its "
+                   "click), the models.sources functions run on an ItemView over that state: "
+                   "each alone with fetch={}, and blended with DEFAULT_CONFIG fetches/weights "
+                   "(objectionable filtered); hit@K = liked item among the first K candidates, "
+                   "seen items excluded. Baseline: all-time like counts so far, minus seen items."
                    ).format(args.split, args.batch, SOURCE_FETCH),
         "dataset": str(path.name),
         "events": len(events),
-        "history_events": len(history_events),
+        "history_ratings": len(history),
+        "history_events": info["history_events"],
         "test_events": len(test_events),
         "test_period_days": round((test_events[-1].ts - split_ts) / DAY_S, 1),
-        "test_likes": len(likes),
+        "test_likes": n_likes,
         "points": points,
-        "sampled": points < len(likes),
+        "sampled": points < n_likes,
         "seed": args.seed,
         "cold_points": cold,
         "cold_points_note": "no positive inside the 7-day seed window before the like",
         "trending_half_life_days": args.half_life_days,
         "item_state_batch": args.batch,
-        "pregen": {"popular_window_days": args.popular_window_days,
-                   "popular_half_life_days": args.popular_half_life_days,
-                   "embedding_dim": args.dim, "items_with_vectors": len(vectors),
-                   "computed_at": "split (once, history events only)"},
-        "ann": ann,
+        "pregen": info["pregen"],
+        "ann": info["ann"],
         "recall": {name: t.result() for name, t in tallies.items()},
         "cpu_s": round(time.process_time() - cpu0, 1),
-        "wall_s": {"total": round(time.monotonic() - t0, 1), "pregen": round(pregen_s, 1),
-                   "warm_up": round(warm_s, 1), "walk": round(walk_s, 1),
+        "wall_s": {"total": round(time.monotonic() - t0, 1), "pregen": info["pregen_s"],
+                   "warm_up": info["warm_up_s"], "walk": round(walk_s, 1),
                    "evaluation": round(eval_s, 1),
                    "per_point_ms": round(1000.0 * eval_s / max(points, 1), 2)},
     }
 
 
-def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="retrieval", description=__doc__.split("\n\n")[0])
+def add_replay_args(ap: argparse.ArgumentParser) -> None:
+    """Options of the time-ordered MovieLens replay (shared with bench/final_list.py)."""
     ap.add_argument("--dataset", help="MovieLens-100k folder (default ../shared/datasets/...)")
-    ap.add_argument("--quick", action="store_true", help="1000 evaluation points")
-    ap.add_argument("--max-points", type=int, default=5000,
-                    help="evaluate a seeded uniform sample of this many test likes (0 = all)")
     ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--split", type=float, default=0.8, help="share of events that are history")
+    ap.add_argument("--split", type=float, default=0.8, help="share of ratings that are history")
     ap.add_argument("--half-life-days", type=float, default=1.0,
                     help="trending and author-board half-life (users rate in bursts)")
     ap.add_argument("--popular-window-days", type=float, default=7.0)
@@ -416,6 +477,14 @@ def parser() -> argparse.ArgumentParser:
                     help="vector search: exhaustive numpy (default; 1.5k items) or "
                          "hnswlib via stores.ann as served")
     ap.add_argument("--no-progress", action="store_true")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="retrieval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="1000 evaluation points")
+    ap.add_argument("--max-points", type=int, default=5000,
+                    help="evaluate a seeded uniform sample of this many test likes (0 = all)")
+    add_replay_args(ap)
     return ap
 
 

@@ -1,10 +1,12 @@
 """Replay MovieLens-100k as a time-ordered stream of engagement events.
 
 The dataset is read from ``../shared/datasets/movielens-100k`` (never copied
-into the project).  A rating becomes one event: 4-5 stars ``like``, 3 stars
-``click``, 1-2 stars ``see_less``.  MovieLens has no authors, so a movie's
-first genre stands in for its author (``genre:Drama``).  Rows are ordered by
-``(timestamp, user, item)`` because the file is unordered and timestamps tie.
+into the project).  A rating becomes the engagements it stands for
+(:func:`models.movielens.rating_engagements`: 4-5 stars a ``click`` then a
+``like``, 3 stars a ``click``, 1-2 stars a ``see_less``), optionally after an
+``impression``.  MovieLens has no authors, so a movie's first genre stands in
+for its author (``genre:Drama``).  Rows are ordered by ``(timestamp, user,
+item)`` because the file is unordered and timestamps tie.
 
 Event time is the original time compressed by ``time_scale`` and shifted so
 the replay happens "now": with ``time_scale=5000`` the dataset's seven months
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+from models.movielens import rating_engagements
 from schemas.events import EngagementEvent
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "movielens-100k"
@@ -29,15 +32,6 @@ class Rating:
     item: int
     rating: int
     ts: int
-
-
-def rating_event_type(rating: int) -> str:
-    """The engagement a star rating stands for.
-
-    >>> [rating_event_type(r) for r in (1, 2, 3, 4, 5)]
-    ['see_less', 'see_less', 'click', 'like', 'like']
-    """
-    return "like" if rating >= 4 else "click" if rating == 3 else "see_less"
 
 
 def find_dataset(path: Optional[str] = None) -> Path:
@@ -82,9 +76,14 @@ def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
               time_scale: float, impressions: bool = False) -> Iterator[EngagementEvent]:
     """Events whose times keep the dataset's gaps divided by ``time_scale``, ending at ``end_at``.
 
-    With ``impressions``, each rating is preceded by an ``impression`` of the
-    same item, so the label join has impressions to attach engagements to.
-    MovieLens logged only rated items, so every impression here is engaged.
+    A rating's events share its time.  With ``impressions``, each rating is
+    preceded by an ``impression`` of the same item, so the label join has
+    impressions to attach engagements to.  MovieLens logged only rated items,
+    so every impression here is engaged.
+
+    >>> [(e.event_id, e.event_type) for e in to_events([Rating(1, 2, 5, 0)], {}, end_at=9.0,
+    ...                                                time_scale=1.0)]
+    [('ml100k-1-2', 'click'), ('ml100k-1-2-like', 'like')]
     """
     if not ratings:
         return
@@ -96,10 +95,12 @@ def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
                 event_id=f"ml100k-{r.user}-{r.item}-imp", user_id=str(r.user),
                 item_id=str(r.item), event_type="impression", surface=SURFACE, ts=ts,
                 author_id=authors.get(r.item))
-        yield EngagementEvent(
-            event_id=f"ml100k-{r.user}-{r.item}", user_id=str(r.user), item_id=str(r.item),
-            event_type=rating_event_type(r.rating), surface=SURFACE,
-            ts=ts, author_id=authors.get(r.item))
+        for n, event_type in enumerate(rating_engagements(r.rating)):
+            # Ids differ within a rating: the dedupe drops a repeated id.
+            yield EngagementEvent(
+                event_id=f"ml100k-{r.user}-{r.item}" + (f"-{event_type}" if n else ""),
+                user_id=str(r.user), item_id=str(r.item), event_type=event_type,
+                surface=SURFACE, ts=ts, author_id=authors.get(r.item))
 
 
 def replay(producer, events: list[EngagementEvent], *, speed: float = 0.0,
