@@ -336,11 +336,10 @@ def load_split(dataset: Optional[str], split: float) -> tuple:
     return path, events, history, test
 
 
-def warm_up(args: argparse.Namespace, history: list[list], split_ts: float,
-            before_apply=None) -> tuple:
-    """The pre-generated batch computed at the split from history only, and the
-    streaming state warmed up on history; ``before_apply(group)`` sees each history
-    rating just before its events are applied.  Returns ``(state, view, info)``."""
+def prepare(args: argparse.Namespace, history: list[list], split_ts: float) -> tuple:
+    """The pre-generated batch, computed at the split from history only, and an empty
+    streaming state with an ``ItemView`` over both; ``(state, view, info)``.  Walk the
+    history through the state (:func:`walk`) to warm it up."""
     history_events = [ev for group in history for ev in group]
     t_pregen = time.monotonic()
     pregen_lists = {"popular": popular(history_events, now=split_ts,
@@ -351,22 +350,13 @@ def warm_up(args: argparse.Namespace, history: list[list], split_ts: float,
     pregen_s = time.monotonic() - t_pregen
     log(f"pregen: {len(pregen_lists['popular'].get(SURFACE, []))} popular, "
         f"{len(vectors)} item vectors, {pregen_s:.1f}s; search: {ann}")
-
     state = LiveState(args.half_life_days * DAY_S, batch=args.batch)
-    view = ReplayView(state, pregen_lists, index)
-    t_warm = time.monotonic()
-    for group in history:
-        if before_apply is not None:
-            before_apply(group)
-        for ev in group:
-            state.apply(ev)
-    info = {"history_events": len(history_events), "ann": ann,
+    info = {"history_events": len(history_events), "ann": ann, "pregen_s": round(pregen_s, 1),
             "pregen": {"popular_window_days": args.popular_window_days,
                        "popular_half_life_days": args.popular_half_life_days,
                        "embedding_dim": args.dim, "items_with_vectors": len(vectors),
-                       "computed_at": "split (once, history events only)"},
-            "pregen_s": round(pregen_s, 1), "warm_up_s": round(time.monotonic() - t_warm, 1)}
-    return state, view, info
+                       "computed_at": "split (once, history events only)"}}
+    return state, ReplayView(state, pregen_lists, index), info
 
 
 def sample_likes(test: list[list], max_points: int, seed: int) -> tuple[set, int]:
@@ -378,14 +368,14 @@ def sample_likes(test: list[list], max_points: int, seed: int) -> tuple[set, int
     return set(chosen), len(likes)
 
 
-def walk(test: list[list], state: "LiveState", chosen: set, evaluate, progress: bool,
-         before_apply=None) -> float:
-    """Apply the later ratings in time order; before each chosen one (before its click,
-    so the liked item is still unseen), fold pending deltas and call ``evaluate(like)``;
+def walk(ratings: list[list], state: "LiveState", chosen: set = frozenset(), evaluate=None,
+         progress: bool = False, before_apply=None, desc: str = "walk") -> float:
+    """Apply ratings in time order; before each chosen one (before its click, so the
+    liked item is still unseen), fold pending deltas and call ``evaluate(like)``;
     ``before_apply(group)`` then sees every rating just before its events are applied.
     Returns the seconds spent evaluating."""
     eval_s = 0.0
-    for n, group in enumerate(tqdm(test, desc="walk", unit="rating", file=sys.stderr,
+    for n, group in enumerate(tqdm(ratings, desc=desc, unit="rating", file=sys.stderr,
                                    mininterval=2.0, disable=not progress)):
         if n in chosen:
             t_eval = time.monotonic()
@@ -399,12 +389,36 @@ def walk(test: list[list], state: "LiveState", chosen: set, evaluate, progress: 
     return eval_s
 
 
+def replay_summary(args: argparse.Namespace, path: Path, events: list, history: list,
+                   test: list, info: dict, n_likes: int, points: int, cold: int) -> dict:
+    """What a replay bench ran on: the data, the split, the sample and the state."""
+    return {
+        "dataset": str(path.name),
+        "events": len(events),
+        "history_ratings": len(history),
+        "history_events": info["history_events"],
+        "test_ratings": len(test),
+        "test_period_days": round((test[-1][0].ts - test[0][0].ts) / DAY_S, 1),
+        "test_likes": n_likes,
+        "points": points,
+        "sampled": points < n_likes,
+        "seed": args.seed,
+        "cold_points": cold,
+        "cold_points_note": "no positive inside the 7-day seed window before the like",
+        "trending_half_life_days": args.half_life_days,
+        "item_state_batch": args.batch,
+        "pregen": info["pregen"],
+        "ann": info["ann"],
+    }
+
+
 def main(args: argparse.Namespace) -> dict:
     t0, cpu0 = time.monotonic(), time.process_time()
     path, events, history, test = load_split(args.dataset, args.split)
-    test_events = [ev for group in test for ev in group]
-    split_ts = test_events[0].ts
-    state, view, info = warm_up(args, history, split_ts)
+    state, view, info = prepare(args, history, test[0][0].ts)
+    t_warm = time.monotonic()
+    walk(history, state)
+    warm_s = time.monotonic() - t_warm
 
     chosen, n_likes = sample_likes(test, 1000 if args.quick else args.max_points, args.seed)
     tallies = {name: Tally() for name in [*SOURCES, "blend", "popularity_baseline"]}
@@ -436,26 +450,11 @@ def main(args: argparse.Namespace) -> dict:
                    "(objectionable filtered); hit@K = liked item among the first K candidates, "
                    "seen items excluded. Baseline: all-time like counts so far, minus seen items."
                    ).format(args.split, args.batch, SOURCE_FETCH),
-        "dataset": str(path.name),
-        "events": len(events),
-        "history_ratings": len(history),
-        "history_events": info["history_events"],
-        "test_events": len(test_events),
-        "test_period_days": round((test_events[-1].ts - split_ts) / DAY_S, 1),
-        "test_likes": n_likes,
-        "points": points,
-        "sampled": points < n_likes,
-        "seed": args.seed,
-        "cold_points": cold,
-        "cold_points_note": "no positive inside the 7-day seed window before the like",
-        "trending_half_life_days": args.half_life_days,
-        "item_state_batch": args.batch,
-        "pregen": info["pregen"],
-        "ann": info["ann"],
+        **replay_summary(args, path, events, history, test, info, n_likes, points, cold),
         "recall": {name: t.result() for name, t in tallies.items()},
         "cpu_s": round(time.process_time() - cpu0, 1),
         "wall_s": {"total": round(time.monotonic() - t0, 1), "pregen": info["pregen_s"],
-                   "warm_up": info["warm_up_s"], "walk": round(walk_s, 1),
+                   "warm_up": round(warm_s, 1), "walk": round(walk_s, 1),
                    "evaluation": round(eval_s, 1),
                    "per_point_ms": round(1000.0 * eval_s / max(points, 1), 2)},
     }
