@@ -43,7 +43,8 @@ def worker(kafka, worker_dir):
     # off, so model versions appear only when a test publishes one (test_models.py
     # runs its own worker with training on).
     w = WorkerProcess(kafka, worker_dir, web_port=WEB_PORT,
-                      env={"STREAMREC_LABEL_WALL_WINDOW_S": "2",
+                      env={"STREAMREC_LABEL_WINDOW_S": "2",
+                           "STREAMREC_LABEL_WALL_WINDOW_S": "2",
                            "STREAMREC_ONLINE_TRAINING": "0"}).start()
     yield w
     w.stop()

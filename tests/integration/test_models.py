@@ -104,7 +104,8 @@ def test_freshness_event_to_published_model(kafka, worker, tmp_path):
     from streams.local import WorkerProcess
     worker.stop()
     fast = WorkerProcess(kafka, tmp_path / "fresh-trainer", web_port=worker.web_port + 2,
-                         env={"STREAMREC_LABEL_WALL_WINDOW_S": "1",
+                         env={"STREAMREC_LABEL_WINDOW_S": "1",
+                                  "STREAMREC_LABEL_WALL_WINDOW_S": "1",
                               "STREAMREC_PUBLISH_INTERVAL_S": "1"})
     try:
         fast.start()
