@@ -147,6 +147,9 @@ class GateRules:
     value_heads: tuple = VALUE_HEADS
     max_ne: float = MAX_NE
     min_ne_gain: float = MIN_NE_GAIN
+    #: The margin when the candidate continues training the live version itself: it has
+    #: seen everything the live one saw and more, so not being worse is enough.
+    min_ne_gain_descendant: float = 0.0
     calibration_heads: tuple = CALIBRATION_HEADS
     calibration_slack: float = CALIBRATION_SLACK
     calibration_band: float = CALIBRATION_BAND
@@ -194,14 +197,15 @@ def _weighted_ne(totals: HeadTotals, heads: Sequence[int]) -> float:
 
 
 def decide(candidate: HeadTotals, live: Optional[HeadTotals], rules: GateRules = GateRules(),
-           live_name: str = "live") -> Decision:
+           live_name: str = "live", descendant: bool = False) -> Decision:
     """May ``candidate`` go live?  ``live`` holds the live version's totals on the same
     examples (None when nothing is live).
 
     No decision below ``min_examples`` examples or ``min_positives`` on a required head.
     Then the candidate must (a) beat the base rate (NE below ``max_ne``) on every value
     head with ``min_positives``, and (b) with a version live, lower the weighted mean NE
-    of those heads by ``min_ne_gain`` without calibration on ``calibration_heads``
+    of those heads by ``min_ne_gain`` (``min_ne_gain_descendant`` when ``descendant``: the
+    candidate is the live version trained further) without calibration on ``calibration_heads``
     moving further from 1 (by more than ``calibration_slack`` in |log|, unless it stays
     within ``calibration_band``).  A live version that itself fails (a) on these
     examples has no standing: passing (a) is enough to replace it.
@@ -260,9 +264,12 @@ def decide(candidate: HeadTotals, live: Optional[HeadTotals], rules: GateRules =
                         + "); the candidate does: " + beats_base, evidence)
 
     gain = mean_l - mean_c
-    if not gain >= rules.min_ne_gain:
+    margin = rules.min_ne_gain_descendant if descendant else rules.min_ne_gain
+    evidence["descendant_of_live"] = descendant
+    if not gain >= margin:
         return Decision(False, f"weighted NE {mean_c:.3f} vs live {live_name} ({mean_l:.3f}): gain "
-                               f"{gain:.3f} below the margin {rules.min_ne_gain}", evidence)
+                               f"{gain:.3f} below the margin {margin}"
+                               + (" for a continuation" if descendant else ""), evidence)
     checked = []
     for h in rules.calibration_heads:
         j = index.get(h)
@@ -308,7 +315,8 @@ class ProgressiveValidation:
             seen = self.offsets.setdefault(str(partition), [first, last])
             seen[0], seen[1] = min(seen[0], first), max(seen[1], last)
 
-    def decide(self, rules: GateRules = GateRules()) -> Decision:
-        decision = decide(self.candidate, self.live, rules, live_name=self.live_version or "live")
+    def decide(self, rules: GateRules = GateRules(), descendant: bool = False) -> Decision:
+        decision = decide(self.candidate, self.live, rules, live_name=self.live_version or "live",
+                          descendant=descendant)
         decision.evidence.update(live_version=self.live_version, offsets=self.offsets)
         return decision

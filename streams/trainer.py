@@ -99,7 +99,9 @@ def _publish() -> dict:
     """Publish the candidate as a version, live only if the gate says so."""
     trainer = state["trainer"]
     window = state["window"] or ProgressiveValidation(None)
-    decision = window.decide(GATE_RULES)
+    # This trainer's state continues the live version when it made that version live.
+    descendant = window.live_version is not None and window.live_version == state["made_live"]
+    decision = window.decide(GATE_RULES, descendant=descendant)
     version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{trainer.step:07d}"
     record = {
         "model": MODEL, "version": version, "parent": state["parent"], "tier": settings.model_tier,

@@ -103,6 +103,22 @@ def test_no_better_than_live_within_the_margin_is_rejected():
     assert same.decided and not same.go_live and "gain 0.000 below the margin" in same.reason
 
 
+def test_a_continuation_of_the_live_version_needs_only_to_be_no_worse():
+    x, true, labels, mask = world()
+    slightly_better = true.copy()
+    slightly_better[:, CLICK] = sigmoid(-1.8 + 1.25 * x)  # a little off the truth
+    live, candidate = slightly_better, true
+    w = window(labels, mask, candidate=candidate, live=live)
+    gain = w.decide().evidence["live_ne"] - w.decide().evidence["candidate_ne"]
+    assert 0 < gain < 0.005, "the test needs a gain inside the usual margin"
+    assert not w.decide().go_live
+    continued = w.decide(descendant=True)
+    assert continued.go_live and continued.evidence["descendant_of_live"]
+    # Worse is worse, continuation or not.
+    worse = window(labels, mask, candidate=live, live=candidate).decide(descendant=True)
+    assert worse.decided and not worse.go_live and "for a continuation" in worse.reason
+
+
 def test_worse_calibration_is_rejected_even_with_better_ne():
     x, true, labels, mask = world()
     blurred = true.copy()
