@@ -32,9 +32,12 @@ asks whether it is in the list the user gets back.  Method:
   scores are empty (as the label join records them for the replay); the
   position is 0, where serving ranks every candidate (``--position none``
   records none, as the replay's impressions have none).  MovieLens logs no
-  shown-but-ignored impressions, so every example is an engaged one;
-  ``--negatives N`` adds N unseen movies per rating, drawn by popularity and
-  labelled 0 (off by default: the label join has none).  Unless ``--frozen``,
+  shown-but-ignored impressions, so the replay adds them
+  (:class:`models.movielens.IgnoredImpressions`: movies the user never rated,
+  drawn by likes so far) and so does this bench: ``--negatives N`` per rating,
+  labelled 0, default the replay's ``IGNORED_PER_RATING`` (0: engaged
+  examples only, as the label join saw before the replay had them).  They
+  train the model only; the state walks the ratings alone.  Unless ``--frozen``,
   the trainer keeps learning as the replay advances: one step on each
   ``--batch-size`` later ratings once they are all in the past, and the
   next requests are ranked by a scorer over the updated weights.
@@ -48,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
 import sys
 import time
 from pathlib import Path
@@ -66,7 +68,7 @@ from bench.retrieval import (add_replay_args, load_split, prepare, replay_summar
                              sample_likes, walk)
 from models.features import Example, labels_from_events  # noqa: E402
 from models.funnel import recommend  # noqa: E402
-from models.movielens import RATED_HEADS  # noqa: E402
+from models.movielens import IGNORED_PER_RATING, RATED_HEADS, IgnoredImpressions  # noqa: E402
 from models.mtml import RankerConfig  # noqa: E402
 from models.scoring import ModelScorer  # noqa: E402
 from models.training import Trainer  # noqa: E402
@@ -137,24 +139,19 @@ def impression_example(state, view, ev, item: str, labels: dict,
 
 
 def rating_examples(state, view, group: list, position: Optional[int], negatives: int,
-                    liked: list, rng: random.Random) -> list[Example]:
+                    passed_over: IgnoredImpressions) -> list[Example]:
     """The rating's impression, labelled by its engagements (MovieLens heads only), and
-    ``negatives`` impressions of movies the user had not seen, drawn like popularity
-    (from the likes so far), labelled 0: shown and ignored."""
+    ``negatives`` impressions of movies the user never rated, drawn as the replay draws
+    them (:class:`models.movielens.IgnoredImpressions`), labelled 0: shown and ignored."""
     ev = group[0]
     labels = labels_from_events([e.event_type for e in group], None)
     out = [impression_example(state, view, ev, ev.item_id, {h: labels[h] for h in RATED_HEADS},
                               position)]
-    if negatives and liked:
-        seen = state.history(ev.user_id).excluded() | {ev.item_id}
-        for _ in range(negatives):
-            item = next((i for i in (rng.choice(liked) for _ in range(20)) if i not in seen),
-                        None)
-            if item is not None:
-                out.append(impression_example(state, view, ev, item,
-                                              {h: 0 for h in RATED_HEADS}, position))
+    for item in passed_over.draw(ev.user_id, negatives):
+        out.append(impression_example(state, view, ev, item, {h: 0 for h in RATED_HEADS},
+                                      position))
     if any(e.event_type == "like" for e in group):
-        liked.append(ev.item_id)
+        passed_over.liked(ev.item_id)
     return out
 
 
@@ -197,11 +194,13 @@ def main(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
 
     examples: list[Example] = []
-    liked: list[str] = []  # every like so far: a draw from it is a draw by popularity
-    rng = random.Random(args.seed)
+    rated: dict = {}
+    for group in history + test:
+        rated.setdefault(group[0].user_id, set()).add(group[0].item_id)
+    passed_over = IgnoredImpressions(rated, seed=args.seed)
 
     def examples_of(group: list) -> list[Example]:
-        return rating_examples(state, view, group, position, args.negatives, liked, rng)
+        return rating_examples(state, view, group, position, args.negatives, passed_over)
 
     t_warm = time.monotonic()
     walk(history, state, progress=progress, desc="history",
@@ -329,9 +328,10 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--sparse-lr", type=float, default=1e-2, help="embedding tables' rate")
     ap.add_argument("--frozen", action="store_true",
                     help="keep the bootstrapped model; do not learn during the replay")
-    ap.add_argument("--negatives", type=int, default=0,
-                    help="also train on this many unseen movies per rating, drawn by "
-                         "popularity and labelled 0 (MovieLens logs no ignored impressions)")
+    ap.add_argument("--negatives", type=int, default=IGNORED_PER_RATING,
+                    help="also train on this many movies per rating that the user never "
+                         "rated, drawn by popularity and labelled 0, as the replay sends them "
+                         "(MovieLens logs no ignored impressions; 0 = engaged ones only)")
     ap.add_argument("--position", default="0",
                     help="position recorded in training examples: an int, or 'none'")
     ap.add_argument("--threads", type=int, default=2)

@@ -36,3 +36,57 @@ def rating_labels(rating: int) -> dict[str, int]:
     """
     happened = rating_engagements(rating)
     return {head: int(head in happened) for head in RATED_HEADS}
+
+
+#: Shown-but-ignored impressions the replay adds per rating (see :class:`IgnoredImpressions`).
+IGNORED_PER_RATING = 2
+
+
+class IgnoredImpressions:
+    """Movies a user was shown and passed over, for a log that has none.
+
+    MovieLens records only what users rated, so every impression made from it is
+    an engaged one and a model trained on it learns that everything is clicked.
+    A real feed shows many items per engagement.  This draws them: movies the
+    user never rated (in the whole data set, so none is a later like), not shown
+    to that user before, chosen in proportion to the likes so far, as a
+    popularity-led surface would have shown them.  Seeded: the same calls give
+    the same draws.
+
+    >>> ignored = IgnoredImpressions({"u1": {"m1"}}, seed=0)
+    >>> ignored.draw("u1", 2)                      # nothing liked yet: nothing to show
+    []
+    >>> for movie in ("m1", "m2", "m2", "m3"):
+    ...     ignored.liked(movie)
+    >>> shown = ignored.draw("u1", 2)
+    >>> sorted(shown), ignored.draw("u1", 2)      # m1 rated by u1; m2, m3 shown once
+    (['m2', 'm3'], [])
+    """
+
+    def __init__(self, rated: dict, seed: int = 0, tries: int = 20):
+        import random
+        self.rated = rated
+        self.tries = tries
+        self._rng = random.Random(seed)
+        self._likes: list = []
+        self._shown: dict = {}
+
+    def liked(self, movie) -> None:
+        """Count a like: later draws favour it in proportion to its likes."""
+        self._likes.append(movie)
+
+    def draw(self, user, n: int) -> list:
+        """Up to ``n`` distinct movies to show ``user`` now as ignored impressions."""
+        if not self._likes or n <= 0:
+            return []
+        rated = self.rated.get(user, ())
+        shown = self._shown.setdefault(user, set())
+        out = []
+        for _ in range(n * self.tries):
+            movie = self._likes[self._rng.randrange(len(self._likes))]
+            if movie not in rated and movie not in shown:
+                shown.add(movie)
+                out.append(movie)
+                if len(out) == n:
+                    break
+        return out

@@ -95,8 +95,12 @@ def cmd_replay(args) -> int:
     ratings = load_ratings(path)
     if args.limit:
         ratings = ratings[:args.limit]
+    from models.movielens import IGNORED_PER_RATING
+    if args.ignored is None:
+        args.ignored = 0 if args.no_impressions else IGNORED_PER_RATING
     events = list(to_events(ratings, load_authors(path), end_at=time.time(),
-                            time_scale=args.time_scale, impressions=not args.no_impressions))
+                            time_scale=args.time_scale, impressions=not args.no_impressions,
+                            ignored=args.ignored))
     with EventProducer(bootstrap) as producer:
         summary = replay(producer, events, speed=args.speed, progress=not args.quiet)
     print(json.dumps(summary))
@@ -219,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="divide the dataset's time gaps by this (5000: 7 months -> ~1 hour)")
     r.add_argument("--no-impressions", action="store_true",
                    help="send only the rating's engagement, no impression before it")
+    r.add_argument("--ignored", type=int, default=None,
+                   help="impressions per rating of movies the user never rated, the negatives "
+                        "MovieLens lacks (default models.movielens.IGNORED_PER_RATING; "
+                        "0 with --no-impressions)")
     r.add_argument("--bootstrap")
     r.add_argument("-q", "--quiet", action="store_true")
     r.set_defaults(func=cmd_replay)

@@ -19,6 +19,7 @@ def run_demo(args) -> int:
     from streams.client import RecommendationClient
     from streams.local import WorkerProcess
     from streams.producer import EventProducer
+    from models.movielens import IGNORED_PER_RATING
     from streams.replay import find_dataset, load_authors, load_ratings, replay, to_events
 
     path = find_dataset(args.dataset)
@@ -39,9 +40,11 @@ def run_demo(args) -> int:
         if args.limit:
             ratings = ratings[:args.limit]
         events = list(to_events(ratings, load_authors(path), end_at=time.time(),
-                                time_scale=5000.0, impressions=True))
+                                time_scale=5000.0, impressions=True,
+                                ignored=IGNORED_PER_RATING))
         print(f"4/5 replay: {len(ratings)} MovieLens ratings as {len(events)} events "
-              f"(an impression, then the rating's engagement)")
+              f"(an impression, then the rating's engagement; {IGNORED_PER_RATING} "
+              f"impressions per rating of movies the user passed over)")
         before = worker.counter("events_ingested")
         with EventProducer(settings.bootstrap) as producer:
             summary = replay(producer, events)

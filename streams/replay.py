@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from models.movielens import rating_engagements
+from models.movielens import IgnoredImpressions, rating_engagements
 from schemas.events import EngagementEvent
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "movielens-100k"
@@ -73,21 +73,35 @@ def load_authors(path: Path) -> dict[int, str]:
 
 
 def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
-              time_scale: float, impressions: bool = False) -> Iterator[EngagementEvent]:
+              time_scale: float, impressions: bool = False, ignored: int = 0,
+              seed: int = 0) -> Iterator[EngagementEvent]:
     """Events whose times keep the dataset's gaps divided by ``time_scale``, ending at ``end_at``.
 
     A rating's events share its time.  With ``impressions``, each rating is
     preceded by an ``impression`` of the same item, so the label join has
     impressions to attach engagements to.  MovieLens logged only rated items,
-    so every impression here is engaged.
+    so every such impression is engaged; ``ignored`` adds that many impressions
+    of movies the user never rated, drawn by likes so far
+    (:class:`models.movielens.IgnoredImpressions`, seeded by ``seed``): the
+    label join turns them into the negatives a real feed's log is full of.
 
     >>> [(e.event_id, e.event_type) for e in to_events([Rating(1, 2, 5, 0)], {}, end_at=9.0,
     ...                                                time_scale=1.0)]
     [('ml100k-1-2', 'click'), ('ml100k-1-2-like', 'like')]
+    >>> three = [Rating(1, 2, 5, 0), Rating(2, 3, 4, 1), Rating(2, 2, 4, 2)]
+    >>> [(e.user_id, e.item_id, e.event_type) for e in to_events(
+    ...     three, {}, end_at=9.0, time_scale=1.0, impressions=True, ignored=1)
+    ...  if e.event_type == "impression"]        # user 2 rates 2 later: never ignored
+    [('1', '2', 'impression'), ('2', '3', 'impression'), ('2', '2', 'impression')]
+    >>> four = three + [Rating(3, 4, 2, 3)]       # user 3 never rated 2 or 3
+    >>> [e.item_id for e in to_events(four, {}, end_at=9.0, time_scale=1.0, impressions=True,
+    ...                               ignored=1) if e.event_id.endswith("-ignored")]
+    ['2']
     """
     if not ratings:
         return
     last = ratings[-1].ts
+    passed_over = IgnoredImpressions(rated_items(ratings), seed=seed)
     for r in ratings:
         ts = end_at - (last - r.ts) / time_scale
         if impressions:
@@ -95,12 +109,27 @@ def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
                 event_id=f"ml100k-{r.user}-{r.item}-imp", user_id=str(r.user),
                 item_id=str(r.item), event_type="impression", surface=SURFACE, ts=ts,
                 author_id=authors.get(r.item))
+            for movie in passed_over.draw(r.user, ignored):
+                yield EngagementEvent(
+                    event_id=f"ml100k-{r.user}-{movie}-ignored", user_id=str(r.user),
+                    item_id=str(movie), event_type="impression", surface=SURFACE, ts=ts,
+                    author_id=authors.get(movie))
+        if "like" in rating_engagements(r.rating):
+            passed_over.liked(r.item)
         for n, event_type in enumerate(rating_engagements(r.rating)):
             # Ids differ within a rating: the dedupe drops a repeated id.
             yield EngagementEvent(
                 event_id=f"ml100k-{r.user}-{r.item}" + (f"-{event_type}" if n else ""),
                 user_id=str(r.user), item_id=str(r.item), event_type=event_type,
                 surface=SURFACE, ts=ts, author_id=authors.get(r.item))
+
+
+def rated_items(ratings: list[Rating]) -> dict[int, set]:
+    """Every movie each user rated, over the whole data set."""
+    rated: dict[int, set] = {}
+    for r in ratings:
+        rated.setdefault(r.user, set()).add(r.item)
+    return rated
 
 
 def replay(producer, events: list[EngagementEvent], *, speed: float = 0.0,

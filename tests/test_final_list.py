@@ -1,7 +1,6 @@
 """bench/final_list.py's scoring and the training examples it builds from the replay."""
 from __future__ import annotations
 
-import random
 
 import pytest
 
@@ -46,16 +45,20 @@ def test_rating_examples_read_the_state_before_the_rating(bench):
     state.flush()
     group = [event(5, "u1", "new", "click", T0 + 60, "N"),
              event(6, "u1", "new", "like", T0 + 60, "N")]
-    liked = ["seen", "pop"]
-    examples = bench.rating_examples(state, view, group, 0, 2, liked, random.Random(0))
+    from models.movielens import IgnoredImpressions
+    passed_over = IgnoredImpressions({"u1": {"seen", "new"}}, seed=0)
+    for movie in ("seen", "pop"):
+        passed_over.liked(movie)
+    examples = bench.rating_examples(state, view, group, 0, 2, passed_over)
     rated, *negatives = examples
     assert rated.item_id == "new" and rated.author_id == "N" and rated.position == 0
     assert rated.labels == {"click": 1, "like": 1, "see_less": 0}
     assert rated.user_recent == ["seen"] and rated.user_authors == {"S": 1}
     assert rated.item_counts == {} and rated.item_age_s == 0.0  # "new" is not in the state yet
-    # Negatives: movies the user has not seen, labelled 0, with the item's own features.
-    assert [n.item_id for n in negatives] == ["pop", "pop"]
+    # Negatives: liked movies the user never rated, each once, labelled 0, with the
+    # item's own features.
+    assert [n.item_id for n in negatives] == ["pop"]
     assert all(n.labels == {"click": 0, "like": 0, "see_less": 0} for n in negatives)
     assert negatives[0].author_id == "P" and negatives[0].item_counts == {"pos": 2}
     assert negatives[0].item_age_s == 60.0
-    assert liked[-1] == "new", "a liked rating joins the popularity draw afterwards"
+    assert "new" in passed_over.draw("u3", 3), "a liked rating joins the draw afterwards"
