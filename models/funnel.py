@@ -2,8 +2,9 @@
 
 Pure functions over an :class:`ItemView` (shared item-side state) and a
 :class:`~models.history.UserHistory`; the Faust serving agent is thin glue
-around :func:`recommend`.  Today's ranking stage orders by blended retrieval
-score; learned stages plug in at :func:`rank`.
+around :func:`recommend`.  When a model is live, its learned stages rank at
+:func:`rank` (:class:`~models.scoring.ModelScorer`); without one (cold start)
+the blended retrieval score orders the candidates.
 
 >>> view = StaticItemView(trending={"explore": [("t1", 5.0, "a"), ("t2", 4.0, "a")]},
 ...                       neighbours={"s": [("n1", 2.0, "b")]})
