@@ -3,10 +3,14 @@
 Topics are created from this list by ``streamrec topics create`` (never by
 broker auto-create), so partition counts, keys and retention are deliberate.
 Faust needs a table's changelog to have as many partitions as the topic that
-feeds the table, so changelogs are listed here too.
+feeds the table, so changelogs are listed here too.  Each entry also names its
+writers and readers (``"module: role"``), the map ``streamrec topics list``
+prints; tests/test_topics.py checks it against the modules and the README.
 
 >>> [t.name for t in catalogue(partitions=2)][:3]
 ['events', 'events.dlq', 'rec.requests']
+>>> catalogue()[0].readers[0]
+'streams.ingest: ingest agent (validate, dedupe, fold into user state)'
 """
 from __future__ import annotations
 
@@ -43,6 +47,10 @@ class TopicSpec:
     value: str
     retention_ms: Optional[int] = None
     compact: bool = False
+    #: Who produces to it and who consumes it, each ``"module: role"``; no reader
+    #: means only operators read it (kcat, any consumer).
+    writers: tuple[str, ...] = ()
+    readers: tuple[str, ...] = ()
 
     def config(self) -> dict[str, str]:
         if self.compact:
@@ -61,39 +69,134 @@ def changelog_name(app_id: str, table: str) -> str:
 def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]:
     """All topics for a deployment whose keyed topics have ``partitions`` partitions."""
     p = partitions
+    shared_view = "stores.shared_view: SharedItemView on every worker"
+    restore = "Faust, restoring the table after a restart or rebalance"
     return [
-        TopicSpec(EVENTS, p, "user_id", "EngagementEvent | [EngagementEvent] (JSON)", 7 * DAY_MS),
-        TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS),
-        TopicSpec(REQUESTS, p, "user_id", "RecommendationRequest (JSON)", HOUR_MS),
-        TopicSpec(REPLIES, p, "request_id", "RecommendationReply (JSON)", HOUR_MS),
+        TopicSpec(EVENTS, p, "user_id", "EngagementEvent | [EngagementEvent] (JSON)", 7 * DAY_MS,
+                  writers=("streams.producer: EventProducer (streamrec produce, replay, demo, "
+                           "simulate; the benches)",
+                           "streams.ingest: ingest agent, re-routing an event to its user's partition"),
+                  readers=("streams.ingest: ingest agent (validate, dedupe, fold into user state)",
+                           "streams.pregen: streamrec pregen (every retained event)",
+                           "bench.ingest: the ingest bench's raw consumer")),
+        TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS,
+                  writers=("streams.deadletters: ingest and item_stats agents, "
+                           "for records they cannot use",)),
+        TopicSpec(REQUESTS, p, "user_id", "RecommendationRequest (JSON)", HOUR_MS,
+                  writers=("streams.client: RecommendationClient (streamrec recommend, demo, "
+                           "simulate; bench/serve.py)",
+                           "streams.serving: serving agent, re-routing a request to its user's "
+                           "partition"),
+                  readers=("streams.serving: serving agent (the funnel)",)),
+        TopicSpec(REPLIES, p, "request_id", "RecommendationReply (JSON)", HOUR_MS,
+                  writers=("streams.serving: serving agent, to the partition the client chose",),
+                  readers=("streams.client: RecommendationClient",)),
         TopicSpec(ITEM_DELTAS, p, "item partition", "{item_id: delta} bundle (JSON): trending, co-engagement",
-                  DAY_MS),
+                  DAY_MS,
+                  writers=("streams.ingest: ingest agent, one bundle per item partition",),
+                  readers=("streams.item_stats: item_stats agent",)),
         TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
-                  compact=True),
+                  compact=True, writers=("streams.item_stats: item_stats agent",),
+                  readers=(f"{shared_view} (trending; item_stats re-seeds its boards from it)",)),
         TopicSpec(ITEM_PROFILES, p, "item_id",
-                  "author, quality counts, top co-engaged neighbours (JSON)", compact=True),
+                  "author, quality counts, top co-engaged neighbours (JSON)", compact=True,
+                  writers=("streams.item_stats: item_stats agent",),
+                  readers=(f"{shared_view} (neighbours, quality, authors)",)),
         TopicSpec(AUTHOR_ITEMS, 1, "author/partition", "author's top recent items (JSON)",
-                  compact=True),
+                  compact=True, writers=("streams.item_stats: item_stats agent",),
+                  readers=(f"{shared_view} (author source)",)),
         TopicSpec(PREGEN, 1, "version/name/key", "pre-generated sources, then a manifest (JSON)",
-                  compact=True),
-        TopicSpec(CONFIG, 1, "surface", "funnel config per surface (JSON)", compact=True),
-        TopicSpec(LABEL_TICKS, p, "partition", "clock ticks that close label windows", HOUR_MS),
+                  compact=True,
+                  writers=("streams.pregen: streamrec pregen (parts, the manifest, then "
+                           "tombstones for older batches)",),
+                  readers=(f"{shared_view} (popular lists, embedding index)",
+                           "streams.pregen: streamrec pregen (older batches' keys)")),
+        TopicSpec(CONFIG, 1, "surface", "funnel config per surface (JSON)", compact=True,
+                  writers=("streams.pregen: streamrec config (set_funnel_config)",),
+                  readers=(f"{shared_view} (funnel config per surface)",)),
+        TopicSpec(LABEL_TICKS, p, "partition", "clock ticks that close label windows", HOUR_MS,
+                  writers=("streams.labels: every worker's timer, for the partitions it owns",),
+                  readers=("streams.labels: label_clock agent",)),
         # One partition: one trainer sees every example, in order.
-        TopicSpec(TRAINING_EXAMPLES, 1, "user_id", "[labelled example] (JSON)", 7 * DAY_MS),
+        TopicSpec(TRAINING_EXAMPLES, 1, "user_id", "[labelled example] (JSON)", 7 * DAY_MS,
+                  writers=("streams.labels: the label join, run by the ingest agent",),
+                  readers=("streams.trainer: trainer agent; streamrec train (bootstrap)",
+                           "streams.stability: stability agent")),
         TopicSpec(MODEL_WEIGHTS, 1, "model/version/part", "weight chunks, then a manifest",
-                  compact=True),
-        TopicSpec(MODEL_REGISTRY, 1, "model/version", "model version record (JSON)", compact=True),
-        TopicSpec(PREDICTIONS, p, "user_id", "served predictions per request (JSON)", 7 * DAY_MS),
+                  compact=True,
+                  writers=("stores.model_store: publish (trainer agent, streamrec train)",),
+                  readers=(f"{shared_view} (loads every version)",
+                           "stores.model_store: publish, promote, rollback (versions present)")),
+        TopicSpec(MODEL_REGISTRY, 1, "model/version", "model version record (JSON)", compact=True,
+                  writers=("stores.model_store: publish (trainer agent, streamrec train), "
+                           "promote and rollback (streamrec models)",),
+                  readers=(f"{shared_view} (which version is live)",
+                           "stores.model_store: read_registry (streamrec models list, the "
+                           "trainer, bench/closed_loop.py)")),
+        TopicSpec(PREDICTIONS, p, "user_id", "served predictions per request (JSON)", 7 * DAY_MS,
+                  writers=("streams.serving: serving agent, head probabilities per request",),
+                  readers=("streams.simulate: streamrec simulate (calibration against the "
+                           "world's true probabilities)",)),
         TopicSpec(STABILITY, 1, "model:version", "rolling calibration and NE per head (JSON)",
-                  compact=True),
-        TopicSpec(ALERTS, 1, "model:version/head/metric", "SLO violations (JSON)", 30 * DAY_MS),
+                  compact=True, writers=("streams.stability: stability agent",)),
+        TopicSpec(ALERTS, 1, "model:version/head/metric", "SLO violations (JSON)", 30 * DAY_MS,
+                  writers=("streams.stability: stability agent",)),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
-                  compact=True),
+                  compact=True, writers=("streams.ingest: ingest agent's user_history writes",),
+                  readers=(f"streams.tables: {restore}",)),
         TopicSpec(changelog_name(app_id, "pending_labels"), p, "user_id",
-                  "impressions waiting for engagements (JSON)", compact=True),
+                  "impressions waiting for engagements (JSON)", compact=True,
+                  writers=("streams.labels: the label join's pending_labels writes",),
+                  readers=(f"streams.tables: {restore}",)),
         TopicSpec(changelog_name(app_id, "item_stats"), p, "item_id", "item stats (JSON)",
-                  compact=True),
+                  compact=True, writers=("streams.item_stats: item_stats agent's table writes",),
+                  readers=(f"streams.item_stats: {restore}",)),
     ]
+
+
+def _duration(ms: int) -> str:
+    for unit, size in (("d", DAY_MS), ("h", HOUR_MS), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size} {unit}"
+    return f"{ms} ms"
+
+
+def topic_map(specs: list[TopicSpec]) -> list[dict]:
+    """Each topic's layout, writers and readers, as JSON-ready rows.
+
+    >>> row = topic_map(catalogue())[0]
+    >>> row["name"], row["cleanup"], row["writers"][1]
+    ('events', 'retention 7 d', "streams.ingest: ingest agent, re-routing an event to its user's partition")
+    """
+    return [{"name": t.name, "partitions": t.partitions, "key": t.key, "value": t.value,
+             "cleanup": "compact" if t.compact else f"retention {_duration(t.retention_ms)}"
+             if t.retention_ms is not None else "delete",
+             "writers": list(t.writers), "readers": list(t.readers)} for t in specs]
+
+
+def format_topic_map(specs: list[TopicSpec]) -> str:
+    """The map as text: each topic's layout, then who writes and who reads it.
+
+    >>> print(format_topic_map([TopicSpec("alerts", 1, "id", "alert (JSON)", DAY_MS,
+    ...                                   writers=("streams.stability: stability agent",))]))
+    alerts  partitions 1, key id, retention 1 d: alert (JSON)
+      writes  streams.stability  stability agent
+      reads   (operators only: kcat or any consumer)
+    """
+    rows = topic_map(specs)
+    width = max((len(e.split(":", 1)[0]) for r in rows for e in r["writers"] + r["readers"]),
+                default=0)
+    lines = []
+    for r in rows:
+        lines.append(f"{r['name']}  partitions {r['partitions']}, key {r['key']}, "
+                     f"{r['cleanup']}: {r['value']}")
+        for label, entries in (("writes", r["writers"]), ("reads ", r["readers"])):
+            if not entries:
+                lines.append(f"  {label}  (operators only: kcat or any consumer)")
+            for n, entry in enumerate(entries):
+                module, _, role = entry.partition(":")
+                lines.append(f"  {label if n == 0 else ' ' * 6}  {module:{width}s}  {role.strip()}")
+    return "\n".join(lines)
 
 
 def partition_for(key: str, partitions: int) -> int:

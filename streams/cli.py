@@ -28,16 +28,16 @@ def cmd_broker(args) -> int:
 
 
 def cmd_topics(args) -> int:
-    from schemas.topics import catalogue
+    from schemas.topics import catalogue, format_topic_map, topic_map
     from streams.admin import create_topics
     s = _settings()
     specs = catalogue(s.partitions, s.app_id)
     if args.action == "create":
         print(json.dumps(create_topics(args.bootstrap or s.bootstrap, specs)))
+    elif args.json:
+        print(json.dumps(topic_map(specs), indent=2))
     else:
-        for t in specs:
-            policy = "compact" if t.compact else f"retention {t.retention_ms} ms"
-            print(f"{t.name:34s} partitions={t.partitions:<3d} key={t.key:18s} {policy}  {t.value}")
+        print(format_topic_map(specs))
     return 0
 
 
@@ -199,8 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("-n", "--lines", type=int, default=50)
     b.set_defaults(func=cmd_broker)
 
-    t = sub.add_parser("topics", help="create or list the catalogue's topics")
+    t = sub.add_parser("topics", help="create the catalogue's topics, or list them with "
+                                       "who writes and who reads each")
     t.add_argument("action", choices=["create", "list"])
+    t.add_argument("--json", action="store_true", help="with list: the map as JSON")
     t.add_argument("--bootstrap")
     t.set_defaults(func=cmd_topics)
 
