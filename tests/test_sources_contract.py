@@ -15,7 +15,8 @@ every request the source must:
 * say why on every hit;
 * answer the same inputs the same way, in this process and in another (a replay).
 
-A new source or view is checked by adding it to ``SOURCES`` or :data:`VIEWS`.
+A new source is checked once it is in ``SOURCES``; a new view, once it is in
+:data:`VIEWS` with a builder of that name on :class:`World`.
 """
 from __future__ import annotations
 
