@@ -6,7 +6,8 @@
 
 Starts its own broker (its own port, wiped), the catalogue topics and a worker
 with settings suited to a short loop (a version every 15 s, label windows of
-20 s and 10 s wall), then runs :func:`streams.simulate.run`: simulated users
+20 s and 10 s wall, users' per-author counts halving every 4 minutes), then
+runs :func:`streams.simulate.run`: simulated users
 of a seeded world (seed 0) ask the worker for 10 items, 10 times a second, for
 13 minutes, with a sudden interest shift at 10 minutes, and react with
 engagements drawn from the true probabilities.  Every request is also answered
@@ -54,7 +55,9 @@ RECOVERY_WITHIN_S = 180.0
 #: Worker settings suited to a short loop: flag -> (environment variable, default).
 LOOP_ENV = {"publish_interval": ("STREAMREC_PUBLISH_INTERVAL_S", 15.0),
             "label_window": ("STREAMREC_LABEL_WINDOW_S", 20.0),
-            "label_wall_window": ("STREAMREC_LABEL_WALL_WINDOW_S", 10.0)}
+            "label_wall_window": ("STREAMREC_LABEL_WALL_WINDOW_S", 10.0),
+            # Taste memory scaled to the loop's minutes as the windows are (default: a week).
+            "user_author_half_life": ("STREAMREC_USER_AUTHOR_HALF_LIFE_S", 240.0)}
 
 
 def _target(met: Optional[bool], rule: str, **evidence) -> dict:

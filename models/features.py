@@ -106,7 +106,7 @@ class Example:
 
 
 def _counts(value) -> list:
-    counts = [int(x) for x in value or []][:4]
+    counts = [float(x) for x in value or []][:4]
     return counts + [0] * (4 - len(counts)) if counts else []
 
 

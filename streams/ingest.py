@@ -85,7 +85,8 @@ async def ingest_batch(batch) -> None:
                 labels.label_event(pending, history, ev)
             labels.advance_watermark(partition, ev.ts, now)
             add_item_deltas(deltas, history, ev)
-            history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
+            history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id,
+                          author_half_life_s=settings.user_author_half_life_s)
             fresh += 1
         user_history[user] = history.to_dict()
         if fresh and pending is not None:

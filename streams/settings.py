@@ -36,6 +36,10 @@ class Settings:
     ingest_within_s: float = field(default_factory=lambda: float(_env("INGEST_WITHIN_S", "0.05")))
     trending_half_life_s: float = field(
         default_factory=lambda: float(_env("TRENDING_HALF_LIFE_S", "3600")))
+    #: A user's per-author engagement counts (ranking features) halve every this many
+    #: seconds of event time, so the ranker follows taste that moves.
+    user_author_half_life_s: float = field(
+        default_factory=lambda: float(_env("USER_AUTHOR_HALF_LIFE_S", str(7 * 86400))))
     #: Label join: engagements count for an impression this long after it (event time;
     #: its window closes then, not before). Set it short for short closed loops...
     label_window_s: float = field(default_factory=lambda: float(_env("LABEL_WINDOW_S", "1800")))
