@@ -141,6 +141,25 @@ def optimizers(prefix: str, model: torch.nn.Module, lr: float, sparse_lr: float
     return out
 
 
+def served_rows(examples: Sequence[Example]) -> torch.Tensor:
+    """1.0 for the examples of items the funnel served (they carry retrieval scores),
+    0.0 for the rest; all 1.0 when none was served (a replayed log).
+
+    The calibration layer is fitted on served rows only: its probabilities are read
+    for served items (by the value model, the stability SLOs), and impressions from
+    elsewhere (other surfaces, organic browsing) have other base rates (more
+    see_less on random items), which a model that cannot tell them apart would
+    average into every prediction.
+
+    >>> served = Example("u", "i", "a", "explore", 1.0, source_scores={"trending": 0.4})
+    >>> other = Example("u", "j", "a", "explore", 1.0)
+    >>> served_rows([served, other]).tolist(), served_rows([other]).tolist()
+    ([1.0, 0.0], [1.0])
+    """
+    flags = torch.tensor([1.0 if e.source_scores else 0.0 for e in examples])
+    return flags if flags.any() else torch.ones(len(examples))
+
+
 class Trainer:
     """Both models, their optimisers, and the counts a checkpoint keeps.
 
@@ -201,8 +220,9 @@ class Trainer:
         distill_loss = self._distill_loss(batch, logits, dots)
         loss = tower_loss + s["distill_weight"] * distill_loss + ranker_loss
         # Calibrate on logits from before this batch's update: labels the model has not seen.
-        calibration_loss = self.calibration.fit_step(self.optimizers["calibration"], logits,
-                                                     batch.labels, batch.label_mask)
+        calibration_loss = self.calibration.fit_step(
+            self.optimizers["calibration"], logits, batch.labels,
+            batch.label_mask * served_rows(examples)[:, None])
         for name, opt in self.optimizers.items():
             if name != "calibration":
                 opt.zero_grad(set_to_none=True)

@@ -269,3 +269,26 @@ def test_pretrain_reduces_loss():
     trainer = Trainer(SMALL_TOWER, SMALL_RANKER, lr=0.01, seed=4)
     losses = trainer.pretrain(tiny_dataset(), epochs=6, batch_size=16, progress=False)
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_calibration_is_fitted_on_served_items_not_on_other_traffic():
+    """Served items (they carry retrieval scores) click 10%; organic impressions the
+    model cannot tell apart click 60%. Probabilities are read for served items, so
+    they must match the served rate, not the mixture's (about 0.2)."""
+    from models.features import Example
+
+    def example(rng, served: bool, clicked: bool) -> Example:
+        labels = {h: 0 for h in HEADS}
+        labels["click"] = int(clicked)
+        return Example(f"u{rng.randrange(50)}", f"i{rng.randrange(200)}", f"a{rng.randrange(10)}",
+                       "explore", 1.0, labels=labels,
+                       source_scores={"trending": 0.5} if served else {})
+
+    rng = random.Random(0)
+    torch.manual_seed(0)
+    trainer = Trainer()
+    for _ in range(60):
+        trainer.fit([example(rng, True, rng.random() < 0.1) for _ in range(200)]
+                    + [example(rng, False, rng.random() < 0.6) for _ in range(56)])
+    served_click = trainer.predict([example(rng, True, False) for _ in range(500)])[:, 0].mean()
+    assert abs(served_click - 0.1) < 0.03, served_click
