@@ -417,9 +417,12 @@ def replay_events(dataset: Optional[str], first: int, more: int, time_scale: flo
     ratings = load_ratings(path)[:first + more]
     events = list(to_events(ratings, load_authors(path), end_at=time.time(),
                             time_scale=time_scale, impressions=True))
-    # to_events yields [impression, engagement] per rating: 2 events per rating
-    head = [ev for ev in events[:2 * first] if ev.event_type != "impression"]
-    return head, events[2 * first:]
+    # Each rating starts with its impression and brings one or two engagements:
+    # cut where the rating after the first ``first`` begins.
+    starts = [n for n, ev in enumerate(events) if ev.event_type == "impression"]
+    cut = starts[first] if first < len(starts) else len(events)
+    head = [ev for ev in events[:cut] if ev.event_type != "impression"]
+    return head, events[cut:]
 
 
 def wait_counter_still(w, name: str, quiet_s: float, timeout: float) -> tuple:
