@@ -10,7 +10,7 @@ the model gets wrong on new traffic, not what it memorised.
 
 >>> import torch
 >>> cal = PlattCalibration(1)
->>> opt = torch.optim.Adam(cal.parameters(), lr=0.05)
+>>> opt = calibration_optimizer(cal)
 >>> logits = torch.zeros(400, 1)               # the model says 50% everywhere...
 >>> labels = (torch.arange(400) % 5 == 0).float()[:, None]   # ...the truth is 20%
 >>> for _ in range(200):
@@ -25,16 +25,40 @@ from torch import nn
 from torch.nn import functional as F
 
 
-class PlattCalibration(nn.Module):
-    """``scale * logit + shift`` per head; starts as the identity."""
+#: Step size of :func:`calibration_optimizer`.  On a right model with logits spread
+#: like a ranker's, a 1% head's calibration stays within about 17% and a 10% head's
+#: within 12%; a model 2x too high is corrected in about 5 batches of 256 at a 10%
+#: base rate and 25-35 at 1% (where each batch holds two or three positives).
+CALIBRATION_LR = 1.0
 
-    def __init__(self, heads: int):
+
+def calibration_optimizer(layer: nn.Module, lr: float = CALIBRATION_LR) -> torch.optim.Optimizer:
+    """Plain SGD: each step is proportional to the batch's evidence, so a rare head
+    (two or three positives per batch) moves a little and a common one a lot.  Adam
+    normalises every step to the same size, and on rare heads that turned sampling
+    noise into a random walk: calibration wandered 30-50% around the truth.  (SGD
+    needs the layer's scale centred, see :class:`PlattCalibration`.)"""
+    return torch.optim.SGD(layer.parameters(), lr=lr)
+
+
+class PlattCalibration(nn.Module):
+    """``scale * (logit - centre) + centre + shift`` per head; starts as the identity.
+
+    ``centre`` is each head's typical logit (its prior).  Scaling about it rather
+    than about 0 keeps the two parameters' gradients alike in size: a rare head's
+    logits sit near -5, where a scale about 0 moves the output five times faster
+    than the shift does and plain SGD overshoots.
+    """
+
+    def __init__(self, heads: int, centre=None):
         super().__init__()
         self.scale = nn.Parameter(torch.ones(heads))
         self.shift = nn.Parameter(torch.zeros(heads))
+        self.register_buffer("centre", torch.zeros(heads) if centre is None
+                             else torch.as_tensor(centre, dtype=torch.float32))
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits * self.scale + self.shift
+        return (logits - self.centre) * self.scale + self.centre + self.shift
 
     def fit_step(self, optimizer: torch.optim.Optimizer, logits: torch.Tensor,
                  labels: torch.Tensor, mask: torch.Tensor) -> float:

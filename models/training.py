@@ -29,15 +29,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from models.calibration import PlattCalibration
+from models.calibration import CALIBRATION_LR, PlattCalibration, calibration_optimizer
 from models.features import HEADS, Batch, Example, collate
-from models.mtml import MTMLRanker, RankerConfig
+from models.mtml import HEAD_PRIORS, MTMLRanker, RankerConfig
 from models.two_tower import TowerConfig, TwoTower
 from models.value import value_scores, weights_for
 
 #: Heads whose 1 makes an impression a positive for retrieval.
 POSITIVE_HEADS = ("click", "like", "save", "share", "comment", "follow")
-CHECKPOINT_VERSION = 2
+#: 3: the calibration layer scales about each head's prior logit and learns by SGD.
+CHECKPOINT_VERSION = 3
 
 
 def tower_positives(labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -170,7 +171,7 @@ class Trainer:
     def __init__(self, tower: TowerConfig = TowerConfig(), ranker: RankerConfig = RankerConfig(),
                  *, lr: float = 1e-3, temperature: float = 0.05, distill_k: int = 3,
                  distill_weight: float = 0.1, sparse_lr: float = 1e-2, seed: int = 0,
-                 calibration_lr: float = 0.02):
+                 calibration_lr: float = CALIBRATION_LR):
         for name in ("hash_size", "author_size", "surface_size"):
             if getattr(tower, name) != getattr(ranker, name):
                 raise ValueError(f"tower and ranker must hash alike: {name} differs")
@@ -182,11 +183,12 @@ class Trainer:
             torch.manual_seed(seed)
             self.tower = TwoTower(tower)
             self.ranker = MTMLRanker(ranker)
-        self.calibration = PlattCalibration(len(HEADS))
+        self.calibration = PlattCalibration(
+            len(HEADS), centre=torch.logit(torch.tensor([HEAD_PRIORS[h] for h in HEADS])))
         self.optimizers: Optional[dict] = {
             **optimizers("tower", self.tower, lr, sparse_lr),
             **optimizers("ranker", self.ranker, lr, sparse_lr),
-            "calibration": torch.optim.Adam(self.calibration.parameters(), lr=calibration_lr)}
+            "calibration": calibration_optimizer(self.calibration, lr=calibration_lr)}
         self.step = 0
         self.examples_seen = 0
         self.frozen = False
