@@ -13,10 +13,9 @@ import time
 
 import orjson
 
-from models.coengagement import coengagement_pairs
 from models.history import UserHistory
-from models.trending import event_weight, merge_score
-from schemas.events import POSITIVE_TYPES, SchemaError, parse_events
+from models.item_state import add_item_deltas
+from schemas.events import SchemaError, parse_events
 from schemas.topics import EVENTS, ITEM_DELTAS, partition_for
 from streams import labels, metrics
 from streams.app import app
@@ -27,9 +26,6 @@ from streams.tables import user_history
 
 events_topic = app.topic(EVENTS)
 item_deltas_topic = app.topic(ITEM_DELTAS)
-
-#: How many of a user's recent positives pair with a new one for co-engagement.
-COENGAGEMENT_LOOKBACK = 10
 
 
 @app.agent(events_topic)
@@ -84,7 +80,7 @@ async def ingest_batch(batch) -> None:
             if pending is not None:
                 labels.label_event(pending, history, ev)
             labels.advance_watermark(partition, ev.ts, now)
-            add_item_deltas(deltas, history, ev)
+            add_item_deltas(deltas, history, ev, settings.trending_half_life_s)
             history.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id,
                           author_half_life_s=settings.user_author_half_life_s)
             fresh += 1
@@ -114,23 +110,3 @@ def bundle_by_partition(deltas: dict, partitions: int) -> dict[int, dict]:
     return bundles
 
 
-def add_item_deltas(deltas: dict, history: UserHistory, ev) -> None:
-    """Fold one event into the batch's per-item deltas (pure; see tests)."""
-    d = deltas.setdefault(ev.item_id, {"author": ev.author_id, "trend": {}, "co": {}})
-    if ev.author_id is not None:
-        d["author"] = ev.author_id
-    counts = d.setdefault("counts", {})
-    counts[ev.event_type] = counts.get(ev.event_type, 0) + 1
-    weight = event_weight(ev.event_type, ev.dwell_ms)
-    # Trending per surface, and per surface and region when the event names one.
-    for key in (ev.surface, f"{ev.surface}@{ev.region}") if ev.region else (ev.surface,):
-        d["trend"][key] = merge_score(d["trend"].get(key), weight, ev.ts,
-                                      settings.trending_half_life_s)
-    if ev.event_type in POSITIVE_TYPES:
-        recent = history.positives[-COENGAGEMENT_LOOKBACK:]
-        authors = {p[0]: p[2] for p in recent}
-        for src, dst, w in coengagement_pairs([p[0] for p in recent], ev.item_id):
-            dd = deltas.setdefault(src, {"author": None, "trend": {}, "co": {}})
-            dst_author = ev.author_id if dst == ev.item_id else authors.get(dst)
-            prev = dd["co"].get(dst)
-            dd["co"][dst] = [(prev[0] if prev else 0.0) + w, dst_author]

@@ -18,7 +18,7 @@ from models.history import (MAX_EVENT_IDS, MAX_NEGATIVES, MAX_POSITIVES, MAX_SEE
 from models.trending import (EVENT_WEIGHTS, TrendingBoard, decayed, event_weight, merge_score,
                              merge_snapshots)
 from schemas.events import parse_event
-from streams.ingest import COENGAGEMENT_LOOKBACK, add_item_deltas
+from models.item_state import COENGAGEMENT_LOOKBACK, add_item_deltas
 from streams.item_stats import apply_delta
 from streams.settings import settings
 
@@ -301,7 +301,7 @@ def ev(item, event_type="like", ts=T0, author=None, surface="explore", **extra):
 def fold(history, events, deltas=None):
     deltas = {} if deltas is None else deltas
     for e in events:
-        add_item_deltas(deltas, history, e)
+        add_item_deltas(deltas, history, e, half_life=3600.0)
         history.apply(e.item_id, e.event_type, e.ts, e.author_id)
     return deltas
 
