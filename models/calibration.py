@@ -41,13 +41,19 @@ def calibration_optimizer(layer: nn.Module, lr: float = CALIBRATION_LR) -> torch
     return torch.optim.SGD(layer.parameters(), lr=lr)
 
 
+#: How fast the scale's centre follows the mean logit (per fitted batch).
+CENTRE_RATE = 0.05
+
+
 class PlattCalibration(nn.Module):
     """``scale * (logit - centre) + centre + shift`` per head; starts as the identity.
 
-    ``centre`` is each head's typical logit (its prior).  Scaling about it rather
-    than about 0 keeps the two parameters' gradients alike in size: a rare head's
-    logits sit near -5, where a scale about 0 moves the output five times faster
-    than the shift does and plain SGD overshoots.
+    ``centre`` is each head's typical logit: it starts at the given prior and
+    follows the mean logit of the fitted rows (an exponential average, rate
+    :data:`CENTRE_RATE` per step).  Scaling about it rather than about 0 keeps the
+    two parameters' gradients alike in size: a rare head's logits sit near -5,
+    where a scale about 0 moves the output five times faster than the shift does
+    and plain SGD overshoots.
     """
 
     def __init__(self, heads: int, centre=None):
@@ -64,6 +70,7 @@ class PlattCalibration(nn.Module):
                  labels: torch.Tensor, mask: torch.Tensor) -> float:
         """One step on the known (row, head) cells; ``logits`` are detached (the
         model underneath is not trained through this layer).  Returns the loss."""
+        self._follow_centre(logits.detach(), mask)
         cells = F.binary_cross_entropy_with_logits(self(logits.detach()), labels,
                                                    reduction="none") * mask
         loss = cells.sum() / mask.sum().clamp(min=1.0)
@@ -74,3 +81,13 @@ class PlattCalibration(nn.Module):
             # A negative scale would invert the model's order: never let it cross zero.
             self.scale.clamp_(min=0.05)
         return float(loss.detach())
+
+    @torch.no_grad()
+    def _follow_centre(self, logits: torch.Tensor, mask: torch.Tensor) -> None:
+        known = mask.sum(dim=0)
+        mean = (logits * mask).sum(dim=0) / known.clamp(min=1.0)
+        centre = torch.where(known > 0, self.centre + CENTRE_RATE * (mean - self.centre),
+                             self.centre)
+        # Moving the centre alone would move every output by (1 - scale) * the move.
+        self.shift -= (1.0 - self.scale) * (centre - self.centre)
+        self.centre.copy_(centre)
