@@ -68,7 +68,8 @@ from bench.retrieval import (add_replay_args, load_split, prepare, replay_summar
                              sample_likes, walk)
 from models.features import Example, labels_from_events  # noqa: E402
 from models.funnel import recommend  # noqa: E402
-from models.movielens import IGNORED_PER_RATING, RATED_HEADS, IgnoredImpressions  # noqa: E402
+from models.movielens import (IGNORED_PER_RATING, RATED_HEADS,  # noqa: E402
+                              IgnoredImpressions, rated_by_user)
 from models.mtml import RankerConfig  # noqa: E402
 from models.scoring import ModelScorer  # noqa: E402
 from models.training import Trainer  # noqa: E402
@@ -194,10 +195,8 @@ def main(args: argparse.Namespace) -> dict:
     progress = not args.no_progress
 
     examples: list[Example] = []
-    rated: dict = {}
-    for group in history + test:
-        rated.setdefault(group[0].user_id, set()).add(group[0].item_id)
-    passed_over = IgnoredImpressions(rated, seed=args.seed)
+    passed_over = IgnoredImpressions(
+        rated_by_user((g[0].user_id, g[0].item_id) for g in history + test), seed=args.seed)
 
     def examples_of(group: list) -> list[Example]:
         return rating_examples(state, view, group, position, args.negatives, passed_over)

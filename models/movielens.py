@@ -12,6 +12,9 @@ happened), so offline figures describe the model that is deployed.
 """
 from __future__ import annotations
 
+import random
+from typing import Iterable
+
 #: The heads a rating speaks for; save, share, comment, follow and long dwell have
 #: no signal in MovieLens (masked out of training, not reported).
 RATED_HEADS = ("click", "like", "see_less")
@@ -42,6 +45,19 @@ def rating_labels(rating: int) -> dict[str, int]:
 IGNORED_PER_RATING = 2
 
 
+def rated_by_user(pairs: Iterable[tuple]) -> dict:
+    """Every movie each user rated, from ``(user, movie)`` pairs: what
+    :class:`IgnoredImpressions` must never draw for that user.
+
+    >>> rated_by_user([(1, 10), (1, 11), (2, 10)])
+    {1: {10, 11}, 2: {10}}
+    """
+    rated: dict = {}
+    for user, movie in pairs:
+        rated.setdefault(user, set()).add(movie)
+    return rated
+
+
 class IgnoredImpressions:
     """Movies a user was shown and passed over, for a log that has none.
 
@@ -64,7 +80,6 @@ class IgnoredImpressions:
     """
 
     def __init__(self, rated: dict, seed: int = 0, tries: int = 20):
-        import random
         self.rated = rated
         self.tries = tries
         self._rng = random.Random(seed)

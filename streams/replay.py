@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from models.movielens import IgnoredImpressions, rating_engagements
+from models.movielens import IgnoredImpressions, rated_by_user, rating_engagements
 from schemas.events import EngagementEvent
 
 DEFAULT_DATASET = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "movielens-100k"
@@ -101,7 +101,7 @@ def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
     if not ratings:
         return
     last = ratings[-1].ts
-    passed_over = IgnoredImpressions(rated_items(ratings), seed=seed)
+    passed_over = IgnoredImpressions(rated_by_user((r.user, r.item) for r in ratings), seed=seed)
     for r in ratings:
         ts = end_at - (last - r.ts) / time_scale
         if impressions:
@@ -122,14 +122,6 @@ def to_events(ratings: list[Rating], authors: dict[int, str], *, end_at: float,
                 event_id=f"ml100k-{r.user}-{r.item}" + (f"-{event_type}" if n else ""),
                 user_id=str(r.user), item_id=str(r.item), event_type=event_type,
                 surface=SURFACE, ts=ts, author_id=authors.get(r.item))
-
-
-def rated_items(ratings: list[Rating]) -> dict[int, set]:
-    """Every movie each user rated, over the whole data set."""
-    rated: dict[int, set] = {}
-    for r in ratings:
-        rated.setdefault(r.user, set()).add(r.item)
-    return rated
 
 
 def replay(producer, events: list[EngagementEvent], *, speed: float = 0.0,

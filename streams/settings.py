@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from models.history import AUTHOR_HALF_LIFE_S
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"STREAMREC_{name}", default)
@@ -39,7 +41,7 @@ class Settings:
     #: A user's per-author engagement counts (ranking features) halve every this many
     #: seconds of event time, so the ranker follows taste that moves.
     user_author_half_life_s: float = field(
-        default_factory=lambda: float(_env("USER_AUTHOR_HALF_LIFE_S", str(7 * 86400))))
+        default_factory=lambda: float(_env("USER_AUTHOR_HALF_LIFE_S", str(AUTHOR_HALF_LIFE_S))))
     #: Label join: engagements count for an impression this long after it (event time;
     #: its window closes then, not before). Set it short for short closed loops...
     label_window_s: float = field(default_factory=lambda: float(_env("LABEL_WINDOW_S", "1800")))
