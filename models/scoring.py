@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from models.features import Example
+from models.features import Batch, Example, ItemRow, collate_for_user
 from models.value import value_scores
 
 FIRST_STAGE_K = 300
@@ -39,12 +39,19 @@ class ModelScorer:
         #: (user, what the user tower reads of the history) -> user vector, bounded.
         self._user_vectors: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 
-    def examples(self, ctx, request_id: str, candidates, position: int = 0) -> list[Example]:
-        recent = ctx.history.recent_positive_items(20)
-        authors = ctx.history.author_counts()
+    def batch(self, ctx, request_id: str, candidates, positions=None) -> Batch:
+        """The features of ``ctx``'s user shown each candidate: what the label join will
+        record for the item if it is served (:func:`~models.features.collate_for_user`)."""
         totals = ctx.history.totals()
-        return [self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
-                              dict(c.sources), totals, position) for c in candidates]
+        user = self._example(ctx, "", None, request_id, ctx.history.recent_positive_items(20),
+                             ctx.history.author_counts(), None, totals)
+        rows = []
+        for c in candidates:
+            first = ctx.view.first_seen(c.item_id)
+            rows.append(ItemRow(c.item_id, c.author_id, dict(ctx.view.quality(c.item_id) or {}),
+                                max(0.0, ctx.now - first) if first else 0.0, dict(c.sources),
+                                ctx.history.author_stats(c.author_id)))
+        return collate_for_user(user, rows, self.trainer.features, positions)
 
     def _example(self, ctx, item, author, request_id, recent=(), authors=None,
                  source_scores=None, totals=None, position: int = 0) -> Example:
@@ -91,7 +98,7 @@ class ModelScorer:
         second = first[:self.second_stage_k]
         # Second stage: full features (what the label join records) for the survivors only.
         scored = [candidates[i] for i in second]
-        probs = self.trainer.predict(self.examples(ctx, request_id, scored))
+        probs = self.trainer.predict_batch(self.batch(ctx, request_id, scored))
         values = value_scores(probs, weights)
         order = np.argsort(-values, kind="stable")
         ranked = []
@@ -130,12 +137,7 @@ class ModelScorer:
         was shown at: what its labels will measure."""
         if not served:
             return []
-        recent = ctx.history.recent_positive_items(20)
-        authors = ctx.history.author_counts()
-        totals = ctx.history.totals()
-        probs = self.trainer.predict([
-            self._example(ctx, c.item_id, c.author_id, request_id, recent, authors,
-                          dict(c.sources), totals, position)
-            for position, c in enumerate(served)])
+        probs = self.trainer.predict_batch(
+            self.batch(ctx, request_id, served, positions=range(len(served))))
         return [[c.item_id, "served", [round(float(p), 5) for p in row]]
                 for c, row in zip(served, probs)]

@@ -278,9 +278,14 @@ class Trainer:
     @torch.no_grad()
     def predict(self, examples: Sequence[Example]) -> np.ndarray:
         """Head probabilities [B, len(HEADS)] (columns in HEADS order)."""
+        return self.predict_batch(self.batch(examples))
+
+    @torch.no_grad()
+    def predict_batch(self, batch: Batch) -> np.ndarray:
+        """:meth:`predict` of an already collated batch (e.g. from
+        :func:`~models.features.collate_for_user`)."""
         self.tower.eval()
         self.ranker.eval()
-        batch = self.batch(examples)
         users, items = self.tower(batch)
         logits = self.ranker(batch.with_tower_dot((users * items).sum(dim=1)))
         return torch.sigmoid(self.calibration(logits)).numpy()

@@ -90,3 +90,33 @@ def test_first_stage_keeps_retrievals_best_items_whatever_the_tower_says():
     ctx = RetrievalContext("explore", UserHistory(), view, NOW, user_id="u1")
     kept = set(scorer.first_stage(ctx, "r1", cands).tolist())
     assert len(kept) == 20 and set(range(10)) <= kept
+
+
+def test_scorer_batch_equals_the_examples_the_label_join_records():
+    """Serving collates one user against many items without an Example per row; the
+    tensors must be exactly those of the per-row Examples (what training reads)."""
+    import torch
+
+    from models.features import TENSOR_FIELDS, collate
+    from models.funnel import Candidate
+    from models.sources import RetrievalContext
+
+    scorer = ModelScorer(tiny_trainer(), "ranker", "v1")
+    h = UserHistory()
+    for i, kind in enumerate(["impression", "click", "like", "impression", "see_less", "save"]):
+        h.apply(f"t{i}", kind, NOW - 100 + i, f"a{i % 3}")
+    view = StaticItemView(quality={"t1": {"pos": 3, "imp": 9}, "t8": {"imp": 2, "see_less": 1}})
+    view.first_seen = lambda item: NOW - 3600.0 if item in ("t1", "t9") else None
+    ctx = RetrievalContext("explore", h, view, NOW, user_id="u1")
+    candidates = [Candidate(f"t{i}", 1.0 / (i + 1), f"a{i % 4}" if i != 5 else None,
+                            {"trending": 0.5, "author": 0.1 * i}) for i in range(10)]
+    for positions in (None, range(10)):
+        fast = scorer.batch(ctx, "r1", candidates, positions)
+        slow = collate([scorer._example(ctx, c.item_id, c.author_id, "r1",
+                                        h.recent_positive_items(20), h.author_counts(),
+                                        dict(c.sources), h.totals(), p)
+                        for c, p in zip(candidates, positions or [0] * 10)],
+                       scorer.trainer.features)
+        for name in TENSOR_FIELDS:
+            assert torch.equal(getattr(fast, name), getattr(slow, name)), name
+        assert fast.request_ids == slow.request_ids and fast.surfaces == slow.surfaces
