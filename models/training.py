@@ -34,9 +34,8 @@ from models.features import HEADS, Batch, Example, collate
 from models.mtml import HEAD_PRIORS, MTMLRanker, RankerConfig
 from models.two_tower import TowerConfig, TwoTower
 from models.value import value_scores, weights_for
+from schemas.events import POSITIVE_HEADS
 
-#: Heads whose 1 makes an impression a positive for retrieval.
-POSITIVE_HEADS = ("click", "like", "save", "share", "comment", "follow")
 #: 3: the calibration layer scales about each head's prior logit and learns by SGD.
 CHECKPOINT_VERSION = 3
 

@@ -30,14 +30,13 @@ import numpy as np
 
 from models.features import LONG_DWELL_MS
 from models.value import value_score, weights_for
-from schemas.events import EngagementEvent
+from schemas.events import POSITIVE_HEADS, EngagementEvent  # noqa: F401  (re-exported for the simulator)
 
 #: Every engagement the world can produce; ``long_dwell`` becomes a ``dwell`` event.
 ENGAGEMENT_HEADS = ("click", "like", "save", "share", "comment", "follow",
                     "see_less", "report", "long_dwell")
 #: Heads that only happen after a click (their probabilities are click * P(head | click)).
 AFTER_CLICK = ("like", "save", "share", "comment", "follow", "long_dwell")
-POSITIVE_HEADS = ("click", "like", "save", "share", "comment", "follow")
 SURFACE = "explore"
 #: Base logits per head (click, see_less, report: given attention; the rest: given a click).
 BASE_LOGITS = {"click": -1.7, "like": -0.85, "save": -2.4, "share": -2.9, "comment": -2.9,

@@ -26,8 +26,10 @@ EVENT_TYPES = (
     "impression", "click", "like", "save", "share", "comment",
     "follow", "see_less", "report", "dwell",
 )
-#: Engagements that say "more like this"; seeds for history-based retrieval.
-POSITIVE_TYPES = frozenset({"click", "like", "save", "share", "comment", "follow"})
+#: Engagements that say "more like this"; seeds for history-based retrieval.  In the
+#: order of EVENT_TYPES, for code that lays them out as columns.
+POSITIVE_HEADS = ("click", "like", "save", "share", "comment", "follow")
+POSITIVE_TYPES = frozenset(POSITIVE_HEADS)
 #: Engagements that say "less like this"; never served again to that user.
 NEGATIVE_TYPES = frozenset({"see_less", "report"})
 
