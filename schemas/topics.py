@@ -34,6 +34,7 @@ PREDICTIONS = "predictions"
 STABILITY = "model.stability"
 ALERTS = "alerts"
 TRAINING_EXAMPLES = "training.examples"
+STATS = "cluster.stats"
 
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
@@ -51,10 +52,18 @@ class TopicSpec:
     #: means only operators read it (kcat, any consumer).
     writers: tuple[str, ...] = ()
     readers: tuple[str, ...] = ()
+    #: A compacted topic's records younger than this stay uncompacted (readers that
+    #: start get that much history, then the latest per key).
+    compaction_lag_ms: Optional[int] = None
 
     def config(self) -> dict[str, str]:
         if self.compact:
-            return {"cleanup.policy": "compact"}
+            if self.compaction_lag_ms is None:
+                return {"cleanup.policy": "compact"}
+            # Segments roll every tenth of the lag, so the cleaner can compact what is older.
+            return {"cleanup.policy": "compact",
+                    "min.compaction.lag.ms": str(self.compaction_lag_ms),
+                    "segment.ms": str(max(60_000, self.compaction_lag_ms // 10))}
         conf = {"cleanup.policy": "delete"}
         if self.retention_ms is not None:
             conf["retention.ms"] = str(self.retention_ms)
@@ -81,7 +90,9 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                            "bench.ingest: the ingest bench's raw consumer")),
         TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS,
                   writers=("streams.deadletters: ingest and item_stats agents, "
-                           "for records they cannot use",)),
+                           "for records they cannot use",),
+                  readers=("streams.cluster_stats: FlowSensor, counting reasons as they are "
+                           "sent (no consumer)",)),
         TopicSpec(REQUESTS, p, "user_id", "RecommendationRequest (JSON)", HOUR_MS,
                   writers=("streams.client: RecommendationClient (streamrec recommend, demo, "
                            "simulate; bench/serve.py)",
@@ -90,7 +101,9 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                   readers=("streams.serving: serving agent (the funnel)",)),
         TopicSpec(REPLIES, p, "request_id", "RecommendationReply (JSON)", HOUR_MS,
                   writers=("streams.serving: serving agent, to the partition the client chose",),
-                  readers=("streams.client: RecommendationClient",)),
+                  readers=("streams.client: RecommendationClient",
+                           "streams.cluster_stats: FlowSensor, counting stages and sources as "
+                           "replies are sent (no consumer)")),
         TopicSpec(ITEM_DELTAS, p, "item partition", "{item_id: delta} bundle (JSON): trending, co-engagement",
                   DAY_MS,
                   writers=("streams.ingest: ingest agent, one bundle per item partition",),
@@ -141,6 +154,12 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                   compact=True, writers=("streams.stability: stability agent",)),
         TopicSpec(ALERTS, 1, "model:version/head/metric", "SLO violations (JSON)", 30 * DAY_MS,
                   writers=("streams.stability: stability agent",)),
+        # One partition: every worker reads every worker's figures.
+        TopicSpec(STATS, 1, "worker id", "a worker's figures for the cluster dashboard (JSON)",
+                  compact=True, compaction_lag_ms=HOUR_MS,
+                  writers=("streams.cluster_stats: every worker's stats timer (every 2 s)",),
+                  readers=("streams.cluster_stats: ClusterView on every worker (/dashboard/, "
+                           "/cluster/)",)),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
                   compact=True, writers=("streams.ingest: ingest agent's user_history writes",),
                   readers=(f"streams.tables: {restore}",)),
@@ -169,7 +188,8 @@ def topic_map(specs: list[TopicSpec]) -> list[dict]:
     ('events', 'retention 7 d', "streams.ingest: ingest agent, re-routing an event to its user's partition")
     """
     return [{"name": t.name, "partitions": t.partitions, "key": t.key, "value": t.value,
-             "cleanup": "compact" if t.compact else f"retention {_duration(t.retention_ms)}"
+             "cleanup": ("compact" + (f", last {_duration(t.compaction_lag_ms)} kept whole"
+                                      if t.compaction_lag_ms else "")) if t.compact else f"retention {_duration(t.retention_ms)}"
              if t.retention_ms is not None else "delete",
              "writers": list(t.writers), "readers": list(t.readers)} for t in specs]
 

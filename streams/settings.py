@@ -28,6 +28,11 @@ class Settings:
     partitions: int = field(default_factory=lambda: int(_env("PARTITIONS", "4")))
     data_dir: Path = field(default_factory=lambda: Path(_env("DATA_DIR", str(home() / "worker"))))
     web_port: int = field(default_factory=lambda: int(_env("WEB_PORT", "6066")))
+    #: Address the web pages (dashboard, /stats/, /metrics) listen on: loopback unless
+    #: set; any other address needs ``web_token``, which every request must then carry
+    #: (``Authorization: Bearer <token>`` or ``?token=<token>``).
+    web_bind: str = field(default_factory=lambda: _env("WEB_BIND", "127.0.0.1"))
+    web_token: str = field(default_factory=lambda: _env("WEB_TOKEN", ""))
     #: Consumer fetch wait: low values cut request/reply latency, cost idle CPU.
     fetch_wait_ms: int = field(default_factory=lambda: int(_env("FETCH_WAIT_MS", "5")))
     #: Producer linger: each ms may delay a reply by as much; a few ms let table
