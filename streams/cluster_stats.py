@@ -31,8 +31,9 @@ from streams import metrics
 log = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 2.0
-#: Figures older than this mark their worker down (four missed publications).
-STALE_S = 8.0
+#: Figures older than this mark their worker down (three missed publications), so a
+#: dead worker shows as down within 6-8 s.
+STALE_S = 6.0
 #: Rates are counter differences over this much of the worker's own history.
 RATE_WINDOW_S = 10.0
 HISTORY_S = 3600.0
