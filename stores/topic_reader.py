@@ -5,15 +5,19 @@ seen when the read starts, so a busy topic still gives a finite read.
 """
 from __future__ import annotations
 
+import time
 from typing import Iterator, Optional
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 
-def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None) -> Iterator:
+def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
+                timeout: Optional[float] = None) -> Iterator:
     """Yield every message now in ``topic`` (confluent-kafka ``Message`` objects).
 
     ``progress``: a tqdm description to show a progress bar, or None for none.
+    ``timeout``: seconds after which an unfinished read raises :class:`TimeoutError`
+    (the messages yielded so far stand); None waits as long as it takes.
     """
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-reader",
                          "enable.auto.commit": False})
@@ -35,7 +39,11 @@ def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None) -
                 total += high - low
             bar = tqdm(total=total, unit="msg", desc=progress)
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in remaining])
+        deadline = None if timeout is None else time.monotonic() + timeout
         while remaining:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic!r}: {len(remaining)} partition(s) not read "
+                                   f"to their end within {timeout:g} s")
             for msg in consumer.consume(1000, timeout=1.0):
                 if msg.error():
                     continue
