@@ -72,10 +72,19 @@ def decode_bundle(raw: bytes):
     >>> decode_bundle(b'{"i1": {"trend": 3}}')
     "item delta for 'i1' is malformed: 'trend' must map surface to [score, ts]"
     """
+    bundle = _load_bundle(raw)
+    return bundle if isinstance(bundle, str) else _items_error(bundle) or bundle
+
+
+def _load_bundle(raw: bytes):
     try:
-        bundle = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         return f"item delta bundle is not JSON: {exc}"
+
+
+def _items_error(bundle) -> str | None:
+    """Why ``bundle`` is not ``{item: delta}``, or None."""
     if not isinstance(bundle, dict):
         return "item delta bundle must be a JSON object {item_id: delta}"
     for item, delta in bundle.items():
@@ -89,7 +98,7 @@ def decode_bundle(raw: bytes):
         if not isinstance(co, dict) or not all(
                 isinstance(v, list) and len(v) == 2 for v in co.values()):
             return f"item delta for {item!r} is malformed: 'co' must map item to [weight, author]"
-    return bundle
+    return None
 
 
 def apply_delta(stats: dict | None, delta: dict, half_life: float,
@@ -162,3 +171,206 @@ def profile(stats: dict) -> dict:
     ranked = sorted(stats["nbrs"].items(), key=lambda kv: -kv[1][0])
     return {"author": stats.get("author"), "q": stats.get("q", {}), "first": stats.get("first"),
             "nbrs": [[o, w, a] for o, (w, a) in ranked]}
+
+
+# --------------------------------------------------------------------------- exactly-once deltas
+#
+# A delta says which events it folds: its source (``"events/3"``, the ingest topic
+# partition) and the first and last position there (``[offset, index in the
+# message]``).  Each item's stats keep, per source, the last position applied to
+# that item (``stats["src"]``), inside the same record as the counts, so the
+# count and its high-water mark are one table write and land or vanish together.
+# A delta at or below the mark was applied already (a redelivery) and is skipped.
+# This needs two things from the sender, which streams.ingest guarantees: deltas of
+# one source reach an item's partition in position order (one producer per source
+# partition at a time, Kafka keeps order within a partition), and a delta never
+# straddles the mark (a range folded once is never re-folded with other bounds:
+# events that may have been sent before go one per delta).
+
+#: Bundle format version; a bundle without one is the unsourced format before it.
+BUNDLE_VERSION = 2
+#: Bundles are split so a message stays far below the broker's 1 MB limit.
+MAX_BUNDLE_BYTES = 256 * 1024
+
+
+class SourcedDeltas:
+    """A batch's item deltas, each part tagged with the source positions it folds.
+
+    Events of a source in ``single`` mode get one part each (their range may have
+    been folded before with other bounds); otherwise all of the batch's events of
+    the source fold into one part whose range covers every position the batch
+    held, used or not.
+
+    >>> parts = SourcedDeltas(single={"events/1"})
+    >>> h = UserHistory()
+    >>> for pos, src in (([7, 0], "events/0"), ([9, 0], "events/0"), ([4, 1], "events/1")):
+    ...     parts.add(src, pos, h, EngagementEvent(f"e{pos}", "u", "i", "click", "home", 5.0), 60.0)
+    >>> [(p["src"], p["from"], p["to"], p["items"]["i"]["counts"]) for p in parts.parts()]
+    [('events/0', [7, 0], [9, 0], {'click': 2}), ('events/1', [4, 1], [4, 1], {'click': 1})]
+    """
+
+    def __init__(self, single=()):
+        self.single = set(single)
+        self._folded: dict[str, dict] = {}
+        self._singles: list[dict] = []
+
+    def note(self, source: str, pos: list) -> None:
+        """Widen the folded range of ``source`` to ``pos`` (an event that adds no delta)."""
+        if source in self.single:
+            return
+        part = self._folded.setdefault(source, {"src": source, "from": pos, "to": pos, "items": {}})
+        part["from"], part["to"] = min(part["from"], pos), max(part["to"], pos)
+
+    def add(self, source: str, pos: list, history: UserHistory, ev: EngagementEvent,
+            half_life: float, *, single: bool = False) -> None:
+        """Fold ``ev`` (at ``pos`` in ``source``; ``history`` as before it) into its part."""
+        if single or source in self.single:
+            part = {"src": source, "from": pos, "to": pos, "items": {}}
+            self._singles.append(part)
+        else:
+            self.note(source, pos)
+            part = self._folded[source]
+        add_item_deltas(part["items"], history, ev, half_life)
+
+    def parts(self) -> list[dict]:
+        """Every part, in position order within each source."""
+        return sorted(self._singles + list(self._folded.values()),
+                      key=lambda p: (p["src"], p["to"]))
+
+    def count(self) -> int:
+        return sum(len(p["items"]) for p in self._singles + list(self._folded.values()))
+
+
+def bundle_parts(parts: list[dict], partition_of, max_bytes: int = MAX_BUNDLE_BYTES
+                 ) -> dict[int, list[bytes]]:
+    """Encoded bundles per item partition: each part's items split by the partition
+    that owns them, parts kept in order, a new message whenever one grows past
+    ``max_bytes`` (a part too big alone is split by item: each item's mark is its own).
+
+    >>> part = {"src": "events/0", "from": [1, 0], "to": [2, 0], "items": {"a": {}, "b": {}}}
+    >>> out = bundle_parts([part], lambda item: 0, max_bytes=60)
+    >>> [len(decode_parts(raw)) for raw in out[0]]
+    [1, 1]
+    """
+    out: dict[int, list[bytes]] = {}
+    pending: dict[int, list] = {}  # partition -> [parts of the message being built, size]
+
+    def flush(partition: int) -> None:
+        msg_parts, _ = pending.pop(partition)
+        out.setdefault(partition, []).append(
+            orjson.dumps({"v": BUNDLE_VERSION, "parts": msg_parts}))
+
+    for part in parts:
+        by_partition: dict[int, dict] = {}
+        for item, delta in part["items"].items():
+            by_partition.setdefault(partition_of(item), {})[item] = delta
+        for partition, items in by_partition.items():
+            head = {"src": part["src"], "from": part["from"], "to": part["to"]}
+            chunk: dict = {}
+            size = len(orjson.dumps(head)) + 20
+            for item, delta in items.items():
+                item_size = len(orjson.dumps({item: delta}))
+                if chunk and size + item_size > max_bytes:
+                    _add_part(pending, partition, {**head, "items": chunk}, size, max_bytes, flush)
+                    chunk, size = {}, len(orjson.dumps(head)) + 20
+                chunk[item] = delta
+                size += item_size
+            _add_part(pending, partition, {**head, "items": chunk}, size, max_bytes, flush)
+    for partition in list(pending):
+        flush(partition)
+    return out
+
+
+def _add_part(pending: dict, partition: int, part: dict, size: int, max_bytes: int, flush) -> None:
+    if partition in pending and pending[partition][1] + size > max_bytes:
+        flush(partition)
+    entry = pending.setdefault(partition, [[], 0])
+    entry[0].append(part)
+    entry[1] += size
+
+
+def decode_parts(raw: bytes):
+    """The sourced parts of a bundle, or a string saying why ``raw`` is not one.
+
+    A bundle of the unsourced format before :data:`BUNDLE_VERSION` becomes one
+    part with source ``None`` (applied as before, without the redelivery check);
+    a bundle of a newer format is refused, never guessed at.
+
+    >>> decode_parts(b'{"i": {"trend": {"explore": [1.0, 5.0]}}}')[0]["src"] is None
+    True
+    >>> decode_parts(b'{"v": 3, "parts": []}')
+    'item delta bundle version 3 is newer than this worker reads (2)'
+    """
+    bundle = _load_bundle(raw)
+    if isinstance(bundle, str):
+        return bundle
+    if not (isinstance(bundle, dict) and isinstance(bundle.get("v"), int)
+            and isinstance(bundle.get("parts"), list)):
+        error = _items_error(bundle)
+        return error or [{"src": None, "from": None, "to": None, "items": bundle}]
+    if bundle["v"] != BUNDLE_VERSION:
+        return (f"item delta bundle version {bundle['v']} is newer than this worker reads "
+                f"({BUNDLE_VERSION})" if bundle["v"] > BUNDLE_VERSION
+                else f"item delta bundle version {bundle['v']} is not one this worker reads")
+    parts = bundle["parts"]
+    for part in parts:
+        if not (isinstance(part, dict) and isinstance(part.get("src"), str)
+                and _is_position(part.get("from")) and _is_position(part.get("to"))):
+            return "item delta part must name its source and its first and last position"
+        error = _items_error(part.get("items"))
+        if error:
+            return error
+    return parts
+
+
+def _is_position(pos) -> bool:
+    return isinstance(pos, list) and len(pos) == 2 and all(isinstance(x, int) for x in pos)
+
+
+def apply_sourced(stats: dict | None, delta: dict, source: str | None, first: list | None,
+                  last: list | None, half_life: float) -> tuple[dict | None, bool, str]:
+    """:func:`apply_delta` once per source position: ``(stats, profile changed, verdict)``.
+
+    The verdict is ``"applied"``, ``"duplicate"`` (everything up to ``last`` was
+    applied to this item already: skipped) or ``"overlap"`` (the delta starts at
+    or below the item's mark and ends above it: the sender broke its promise;
+    applied, since it holds events never applied, and counted by the caller).
+
+    >>> d = {"trend": {"home": [1.0, 5.0]}, "counts": {"click": 1}}
+    >>> s, _, v1 = apply_sourced(None, d, "events/0", [3, 0], [3, 0], 60.0)
+    >>> s, _, v2 = apply_sourced(s, d, "events/0", [3, 0], [3, 0], 60.0)
+    >>> s, _, v3 = apply_sourced(s, d, "events/0", [4, 0], [4, 0], 60.0)
+    >>> v1, v2, v3, s["q"], s["src"]
+    ('applied', 'duplicate', 'applied', {'pos': 2}, {'events/0': [4, 0]})
+    """
+    mark = (stats or {}).get("src", {}).get(source) if source is not None else None
+    if mark is not None and last <= mark:
+        return stats, False, "duplicate"
+    verdict = "overlap" if mark is not None and first <= mark else "applied"
+    stats, changed = apply_delta(stats, delta, half_life)
+    if source is not None:
+        stats.setdefault("src", {})[source] = last
+    return stats, changed, verdict
+
+
+def seed_board(board, snapshot: dict | None) -> int:
+    """Put a published snapshot's items on ``board`` where the board has none yet.
+
+    A board made after a restart holds only what was applied since; the last
+    published snapshot holds the rest.  Items on the board already came from the
+    item's own stats and are newer, so they are kept.  Returns how many were added.
+
+    >>> from models.trending import TrendingBoard
+    >>> board = TrendingBoard(60.0)
+    >>> board.set("new", [1.0, 10.0], "A")
+    >>> seed_board(board, {"ts": 5.0, "items": [["old", 2.0, "B"], ["new", 9.0, "A"]]})
+    1
+    >>> sorted(board.scores.items())
+    [('new', [1.0, 10.0]), ('old', [2.0, 5.0])]
+    """
+    added = 0
+    for item, score, author in (snapshot or {}).get("items", []):
+        if item not in board.scores:
+            board.set(item, [score, snapshot["ts"]], author)
+            added += 1
+    return added

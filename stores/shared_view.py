@@ -167,6 +167,11 @@ class SharedItemView:
         self._thread.start()
         return self
 
+    @property
+    def caught_up(self) -> bool:
+        """True once every shared topic was read up to where it ended when the view started."""
+        return self._caught_up.is_set()
+
     def wait_caught_up(self, timeout: float = 30.0) -> bool:
         return self._caught_up.wait(timeout)
 

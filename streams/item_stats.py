@@ -1,12 +1,33 @@
 """Item-side state, owned by the item's partition and shared with every worker.
 
 Consumes ``item.deltas`` (bundles of per-item deltas, each on the partition
-that owns its items, see :func:`streams.ingest.bundle_by_partition`), keeps
+that owns its items, see :func:`models.item_state.bundle_parts`), keeps
 each item's trending scores, quality counts and co-engagement neighbours in
 the ``item_stats`` table (the fold is :mod:`models.item_state`), and publishes what every worker needs, coalesced per
 interval: per-partition trending snapshots (``trending.snapshots``), each
 changed item's profile (``item.profiles``) and each author's best recent items
 per partition (``author.items``).
+
+Exactly once on the item side: a redelivered bundle (ingest killed after
+sending it, before committing its input offsets; or this agent killed after
+applying it, before committing ``item.deltas`` offsets) must not count twice.
+Each part of a bundle names its source (the ``events`` partition) and the
+positions it folds, and each item's record in ``item_stats`` keeps, per source,
+the last position applied to it (:func:`models.item_state.apply_sourced`).
+The mark lives in the item's own record, so the counts and the mark are one
+table write, one changelog message: both land or neither does.  What this relies
+on: Kafka keeps order within a partition, so one source's parts reach an item's
+partition in position order; Faust sends a table's changelog writes before it
+commits the input offsets they came from (a committed input implies its writes
+landed); and ingest never folds a range it may have sent before with new bounds
+(see :mod:`streams.ingest`).  Records written before marks existed have none and
+take every delta, as before; bundles of the unsourced format are applied
+unchecked and counted in ``item_deltas_unsourced``.
+
+Trending boards live in memory.  After a restart they are seeded from the
+last published snapshot, but only once the shared view has caught up with the
+snapshot topic: a board made before that is not published until it is seeded,
+so an empty board never overwrites the compacted snapshot.
 """
 from __future__ import annotations
 
@@ -15,7 +36,8 @@ import time
 import orjson
 
 # The fold is pure (models.item_state); this module keeps table I/O, boards and publishing.
-from models.item_state import apply_delta, decode_bundle, profile, total_score
+from models.item_state import (apply_delta, apply_sourced, decode_parts, profile,  # noqa: F401
+                               seed_board, total_score)
 from models.trending import TrendingBoard
 from schemas.topics import AUTHOR_ITEMS, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
 from streams import metrics
@@ -42,6 +64,9 @@ _dirty_authors: set[tuple[str, int]] = set()
 #: item -> stats of items whose profile changed since the last publish.
 _dirty_profiles: dict[str, dict] = {}
 _last_publish = 0.0
+#: Boards made before the shared view caught up, as ("trend"|"author", key): seeded,
+#: and only then published, once it has (see seed_late).
+_unseeded: set[tuple[str, tuple[str, int]]] = set()
 
 
 def board_for(surface: str, partition: int) -> TrendingBoard:
@@ -49,9 +74,7 @@ def board_for(surface: str, partition: int) -> TrendingBoard:
     board = boards.get(key)
     if board is None:
         board = boards[key] = TrendingBoard(settings.trending_half_life_s)
-        last = view.trending_snapshot(f"{surface}/{partition}")
-        for item, score, author in (last or {}).get("items", []):
-            board.set(item, [score, last["ts"]], author)
+        _seed_or_defer("trend", key, board)
     return board
 
 
@@ -61,10 +84,30 @@ def author_board_for(author: str, partition: int) -> TrendingBoard:
     if board is None:
         board = author_boards[key] = TrendingBoard(settings.trending_half_life_s,
                                                    capacity=AUTHOR_ITEMS_SIZE)
-        last = view.author_snapshot(f"{author}/{partition}")
-        for item, score, _ in (last or {}).get("items", []):
-            board.set(item, [score, last["ts"]], author)
+        _seed_or_defer("author", key, board)
     return board
+
+
+def _seed_or_defer(kind: str, key: tuple[str, int], board: TrendingBoard) -> None:
+    if view.caught_up:
+        seed_board(board, _last_snapshot(kind, key))
+    else:
+        _unseeded.add((kind, key))
+
+
+def _last_snapshot(kind: str, key: tuple[str, int]):
+    name = f"{key[0]}/{key[1]}"
+    return view.trending_snapshot(name) if kind == "trend" else view.author_snapshot(name)
+
+
+def seed_late() -> None:
+    """Seed the boards made before the shared view caught up, now that it has."""
+    if not _unseeded or not view.caught_up:
+        return
+    for kind, key in sorted(_unseeded):
+        seed_board((boards if kind == "trend" else author_boards)[key], _last_snapshot(kind, key))
+        metrics.counters["boards_seeded_late"] += 1
+    _unseeded.clear()
 
 
 @app.agent(item_deltas_topic)
@@ -79,28 +122,42 @@ async def item_stats_agent(stream):
 
 async def apply_batch(batch) -> None:
     global _last_publish
-    # item -> (an event from the item's partition, [deltas in arrival order])
+    # item -> (an event from the item's partition, [(part, delta) in arrival order])
     merged: dict[str, tuple] = {}
     for event in batch:
-        bundle = decode_bundle(event.value)
-        if isinstance(bundle, str):
+        parts = decode_parts(event.value)
+        if isinstance(parts, str):
             # Only the ingest agent writes here, so this is a bug or a stray producer.
             metrics.counters["bad_item_deltas"] += 1
-            await send_dead_letter(event.value, bundle, event.message)
+            await send_dead_letter(event.value, parts, event.message)
             continue
-        for item, delta in bundle.items():
-            merged.setdefault(item, (event, []))[1].append(delta)
+        for part in parts:
+            for item, delta in part["items"].items():
+                merged.setdefault(item, (event, []))[1].append((part, delta))
+    applied = 0
     for item, (event, deltas) in merged.items():
         use_event(event)
         partition = event.message.partition
         stats = item_stats.get(item)
-        profile_changed = False
-        for delta in deltas:
-            stats, changed = apply_delta(stats, delta, settings.trending_half_life_s)
+        profile_changed = touched = False
+        for part, delta in deltas:
+            stats, changed, verdict = apply_sourced(stats, delta, part["src"], part["from"],
+                                                    part["to"], settings.trending_half_life_s)
+            if verdict == "duplicate":
+                metrics.counters["item_deltas_skipped"] += 1
+                continue
+            if verdict == "overlap":
+                metrics.counters["item_deltas_overlapping"] += 1
+            if part["src"] is None:
+                metrics.counters["item_deltas_unsourced"] += 1
+            applied += 1
+            touched = True
             profile_changed |= changed
             for surface in delta.get("trend", {}):
                 board_for(surface, partition).set(item, stats["trend"][surface], stats["author"])
                 _dirty.add((surface, partition))
+        if not touched:
+            continue
         item_stats[item] = stats
         if profile_changed:
             _dirty_profiles[item] = stats
@@ -108,7 +165,7 @@ async def apply_batch(batch) -> None:
             author_board_for(stats["author"], partition).set(
                 item, total_score(stats["trend"], settings.trending_half_life_s), stats["author"])
             _dirty_authors.add((stats["author"], partition))
-    metrics.counters["item_deltas_applied"] += sum(len(d) for _, d in merged.values())
+    metrics.counters["item_deltas_applied"] += applied
     now = time.time()
     if (_dirty or _dirty_profiles or _dirty_authors) and now - _last_publish >= settings.snapshot_interval_s:
         await publish_snapshots(now)
@@ -121,13 +178,16 @@ async def publish_snapshots(now: float) -> None:
     Coalescing to one message per item per interval keeps a hot item, which
     changes in nearly every batch, from flooding every worker's shared view.
     """
+    seed_late()
     # Take the pending sets first: the timer and the agent may both publish, and
-    # whatever is marked while we await sends belongs to the next round.
-    profiles, boards_due = dict(_dirty_profiles), sorted(_dirty)
-    authors_due = sorted(_dirty_authors)
+    # whatever is marked while we await sends belongs to the next round.  A board
+    # not seeded yet stays marked: publishing it would overwrite the last snapshot.
+    profiles = dict(_dirty_profiles)
+    boards_due = sorted(k for k in _dirty if ("trend", k) not in _unseeded)
+    authors_due = sorted(k for k in _dirty_authors if ("author", k) not in _unseeded)
     _dirty_profiles.clear()
-    _dirty.clear()
-    _dirty_authors.clear()
+    _dirty.difference_update(boards_due)
+    _dirty_authors.difference_update(authors_due)
     for item, stats in profiles.items():
         await profiles_topic.send(key=item.encode(), value=orjson.dumps(profile(stats)))
     for author, partition in authors_due:
