@@ -184,6 +184,13 @@ def cmd_models(args) -> int:
     return 0
 
 
+def cmd_deadletters(args) -> int:
+    from streams.deadletters import redrive
+    print(json.dumps(redrive(args.bootstrap or _settings().bootstrap,
+                             reason_contains=args.reason_contains, dry_run=args.dry_run)))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streams.demo import run_demo
     return run_demo(args)
@@ -269,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--model", default="ranker", help="with rollback: the model to roll back")
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)
+
+    dl = sub.add_parser("deadletters", help="re-drive dead letters to their source topic "
+                                             "(safe with the event-id dedupe)")
+    dl.add_argument("action", choices=["redrive"])
+    dl.add_argument("--reason-contains", default="", help="only records whose reason has this")
+    dl.add_argument("--dry-run", action="store_true", help="count what would be re-driven")
+    dl.add_argument("--bootstrap")
+    dl.set_defaults(func=cmd_deadletters)
 
     sub.add_parser("simulate", add_help=False,
                    help="closed-loop simulated users over the real request/reply topics "
