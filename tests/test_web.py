@@ -170,3 +170,20 @@ def test_the_token_guards_every_page(monkeypatch, token, headers, query, status)
         async with TestClient(TestServer(server)) as client:
             return (await client.get("/metrics" + query, headers=headers)).status
     assert asyncio.run(run()) == status
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_worker_exports():
+    import json
+    import re
+    from pathlib import Path
+    dashboard = Path(__file__).resolve().parents[1] / "deploy/grafana/dashboards/streamrec.json"
+    exprs = [t["expr"] for p in json.loads(dashboard.read_text())["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\bstreamrec_\w+", e)}
+    figures = {"counters": {"events_ingested": 1, "requests_served": 1, "fallbacks": 1},
+               "messages_in": {"events": 1}, "messages_out": {"rec.replies": 1},
+               "group_lag": {"g": {"events": {"0": 1}}}, "dead_letter_reasons": {"r": 1},
+               "models": {"live": "m:v1"},
+               "stability": {"report": {"m:v1": {"click": {"n": 5, "calibration": 1.0, "ne": 0.9}}}}}
+    exported = set(scrape(metrics.prometheus_text(figures)).keys())
+    exported = {name for name, _ in exported}
+    assert used and used <= exported, used - exported
