@@ -255,3 +255,23 @@ def test_a_restarted_board_never_publishes_over_the_snapshot_before_the_view_cau
     assert {i for i, _, _ in published["items"]} == {"old1", "old2", "new"}
     # "new" keeps its score from its own stats, not the snapshot's older one.
     assert dict((i, s) for i, s, _ in published["items"])["new"] > 0.5
+
+
+def test_hostile_input_is_parked_bounded_and_the_good_events_in_it_count(world, monkeypatch):
+    """A >1 MB message and an array with thousands of bad elements among good ones:
+    the agent keeps going, each refusal is one small record, the good events count."""
+    from streams import deadletters
+    dlq = FakeTopic()
+    monkeypatch.setattr(deadletters, "_dlq_topic", dlq)
+    monkeypatch.setattr(ingest, "send_dead_letter", deadletters.send_dead_letter)
+    good = [like("u0", "i1", n) for n in range(3)]
+    mixed = good[:2] + [{"event_id": f"bad{n}", "event_type": "nope"} for n in range(3000)]
+    huge = b'{"event_id": "' + b"x" * 1_100_000 + b'"}'
+    world.log.append(huge)
+    offsets = [0, *world.produce(mixed, good[2])]
+    world.ingest(offsets)
+    world.apply_deltas()
+    assert world.counts() == truth(good)
+    records = [orjson.loads(m.value) for m in dlq.sent]
+    assert len(records) == 3001 and max(len(m.value) for m in dlq.sent) < 8192
+    assert records[0]["id"].startswith(f"events/{world.partition}/0") and not records[0]["complete"]
