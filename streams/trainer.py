@@ -95,6 +95,19 @@ def _fit(examples: list) -> dict:
     return losses
 
 
+def version_record(trainer, parent, state: str, lineage: dict, metrics: dict,
+                   decision: dict) -> dict:
+    """The registry record of a version of the trainer's current state."""
+    now = time.time()
+    return {"model": MODEL, "version": f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime(now))}-"
+                                        f"{trainer.step:07d}",
+            "parent": parent, "tier": settings.model_tier, "owner": settings.model_owner,
+            "state": state, "created": now,
+            "lineage": {"source_topic": TRAINING_EXAMPLES, **lineage,
+                        "examples_seen": trainer.examples_seen, "step": trainer.step},
+            "metrics": metrics, "decision": decision, "history": [[now, state]]}
+
+
 def _publish() -> dict:
     """Publish the candidate as a version, live only if the gate says so."""
     trainer = state["trainer"]
@@ -102,17 +115,11 @@ def _publish() -> dict:
     # This trainer's state continues the live version when it made that version live.
     descendant = window.live_version is not None and window.live_version == state["made_live"]
     decision = window.decide(GATE_RULES, descendant=descendant)
-    version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{trainer.step:07d}"
-    record = {
-        "model": MODEL, "version": version, "parent": state["parent"], "tier": settings.model_tier,
-        "owner": settings.model_owner, "state": decision.state, "created": time.time(),
-        "lineage": {"source_topic": TRAINING_EXAMPLES, "offsets": dict(state["offsets"]),
-                    "examples_seen": trainer.examples_seen, "step": trainer.step,
-                    "trained_on": socket.gethostname()},
-        "metrics": {k: round(v, 5) for k, v in state["losses"].items()},
-        "decision": decision.to_dict(),
-        "history": [[time.time(), decision.state]],
-    }
+    record = version_record(
+        trainer, state["parent"], decision.state,
+        {"offsets": dict(state["offsets"]), "trained_on": socket.gethostname()},
+        {k: round(v, 5) for k, v in state["losses"].items()}, decision.to_dict())
+    version = record["version"]
     model_store.publish(settings.bootstrap, MODEL, version, model_store.serving_bytes(trainer),
                         record)
     state["parent"] = version
@@ -194,16 +201,11 @@ def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True)
         raise RuntimeError("no labelled examples in 'training.examples' yet: replay events first")
     trainer = Trainer()
     losses = trainer.pretrain(examples, epochs=epochs, progress=progress)
-    version = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{trainer.step:07d}"
-    record = {"model": MODEL, "version": version, "parent": None, "tier": settings.model_tier,
-              "owner": settings.model_owner, "state": "live", "created": time.time(),
-              "lineage": {"source_topic": TRAINING_EXAMPLES, "offsets": {"0": last_offset},
-                          "examples_seen": trainer.examples_seen, "step": trainer.step,
-                          "bootstrap_epochs": epochs},
-              "metrics": {"epoch_losses": [round(x, 5) for x in losses]},
-              "decision": {"go_live": True, "decided": True, "evidence": {},
-                           "reason": "bootstrapped by an operator (streamrec train)"},
-              "history": [[time.time(), "live"]]}
-    model_store.publish(bootstrap_servers, MODEL, version, model_store.serving_bytes(trainer),
-                        record)
+    record = version_record(
+        trainer, None, "live", {"offsets": {"0": last_offset}, "bootstrap_epochs": epochs},
+        {"epoch_losses": [round(x, 5) for x in losses]},
+        {"go_live": True, "decided": True, "evidence": {},
+         "reason": "bootstrapped by an operator (streamrec train)"})
+    model_store.publish(bootstrap_servers, record["model"], record["version"],
+                        model_store.serving_bytes(trainer), record)
     return record
