@@ -11,7 +11,7 @@ from schemas.events import (EVENT_TYPES, MAX_FUTURE_SKEW_S, SCHEMA_VERSION, Enga
 from schemas.requests import (MAX_EXCLUDE, MAX_K, RankedItem, RecommendationReply,
                               decode_reply, decode_request, parse_request)
 from schemas.topics import (ALERTS, AUTHOR_ITEMS, CONFIG, EVENTS_DLQ, MODEL_REGISTRY, MODEL_WEIGHTS,
-                            STABILITY,
+                            STABILITY, STATS,
                             PREGEN, TRAINING_EXAMPLES,
                             TRENDING_SNAPSHOTS, catalogue, changelog_name,
                             partition_for)
@@ -351,7 +351,7 @@ def test_dead_letter_of_null_value():
 def test_keyed_topics_and_changelogs_share_the_partition_count(partitions):
     specs = catalogue(partitions=partitions, app_id="myapp")
     singles = {EVENTS_DLQ, TRENDING_SNAPSHOTS, AUTHOR_ITEMS, PREGEN, CONFIG, TRAINING_EXAMPLES,
-               MODEL_WEIGHTS, MODEL_REGISTRY, STABILITY, ALERTS}
+               MODEL_WEIGHTS, MODEL_REGISTRY, STABILITY, ALERTS, STATS}
     keyed = [t for t in specs if t.name not in singles]
     assert {t.partitions for t in keyed} == {partitions}
     assert {t.partitions for t in specs if t.name in singles} == {1}
@@ -363,7 +363,7 @@ def test_keyed_topics_and_changelogs_share_the_partition_count(partitions):
 
 def test_topic_names_are_unique():
     names = [t.name for t in catalogue()]
-    assert len(names) == len(set(names)) == 20
+    assert len(names) == len(set(names)) == 21
 
 
 def test_compacted_topics_have_no_retention():
@@ -372,7 +372,11 @@ def test_compacted_topics_have_no_retention():
     assert {t.name for t in compacted} >= {"trending.snapshots", "item.profiles", "author.items", "pregen.sources", "config.funnel"}
     for t in compacted:
         assert t.retention_ms is None
-        assert t.config() == {"cleanup.policy": "compact"}
+        # Only a topic that keeps its recent history whole (cluster.stats) says more.
+        kept_whole = ({"min.compaction.lag.ms": str(t.compaction_lag_ms),
+                       "segment.ms": str(max(60_000, t.compaction_lag_ms // 10))}
+                      if t.compaction_lag_ms else {})
+        assert t.config() == {"cleanup.policy": "compact", **kept_whole}
     for t in specs:
         if not t.compact:
             assert t.config()["cleanup.policy"] == "delete"
