@@ -4,6 +4,11 @@ Requests are keyed by user id, so they arrive on the partition that holds the
 user's history; item-side state comes from the shared view.  The funnel itself
 is :func:`models.funnel.recommend`; this agent only decodes, calls it, replies
 and counts.
+
+A request whose deadline has passed when it is read is not worked on
+(``requests_expired``): its client has stopped waiting, and after an outage
+(a redelivered backlog, a worker that took over) answering it would only delay
+the requests that can still be answered in time.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import orjson
 from models.funnel import recommend
 from models.history import UserHistory
 from schemas.events import SchemaError, decode_json
-from schemas.requests import RecommendationReply, parse_request
+from schemas.requests import RecommendationReply, RecommendationRequest, parse_request
 from models.features import HEADS
 from schemas.topics import PREDICTIONS, REPLIES, REQUESTS, partition_for
 from streams import labels, metrics
@@ -38,6 +43,16 @@ async def serve(stream):
             # One bad request must never stop serving for everyone else.
             metrics.counters["serve_errors"] += 1
             app.logger.exception("serving request at offset %s failed", event.message.offset)
+
+
+def expired(req: RecommendationRequest, now: float) -> bool:
+    """The request's deadline has passed: nobody waits for its reply any more.
+
+    >>> req = RecommendationRequest("r", "u", "explore", 10, deadline=100.0)
+    >>> expired(req, 99.9), expired(req, 100.0)
+    (False, True)
+    """
+    return now >= req.deadline
 
 
 async def serve_one(event) -> None:
@@ -64,6 +79,9 @@ async def serve_one(event) -> None:
                 request_id=str(request_id), user_id=str(record.get("user_id")),
                 surface=str(record.get("surface")), items=[], model_versions={}, fallback=False,
                 server_latency_ms=0.0, error=str(exc)).to_json())
+        return
+    if expired(req, received):
+        metrics.counters["requests_expired"] += 1
         return
     expected = partition_for(req.user_id, settings.partitions)
     if expected != msg.partition:
