@@ -29,6 +29,14 @@ app = StreamrecApp(
     # With stream_wait_empty=True, stopping after serving requests can hang.
     stream_wait_empty=False,
     fetch_wait_ms=settings.fetch_wait_ms,
+    # Failover (streams/settings.py): a restarted worker rejoins as the same static
+    # member and a dead one is dropped after the session timeout, not Faust's 60 s.
+    consumer_group_instance_id=settings.instance_id(),
+    broker_session_timeout=settings.session_timeout_s,
+    broker_heartbeat_interval=settings.heartbeat_interval_s,
+    broker_rebalance_timeout=settings.rebalance_timeout_s,
+    broker_commit_interval=settings.commit_interval_s,
+    stop_timeout=settings.stop_timeout_s,
 )
 
 # Agents, tables and pages register themselves on import.

@@ -6,6 +6,7 @@ that ``streamrec broker start`` runs.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +67,32 @@ class Settings:
     #: How often each partition republishes its trending snapshot.
     snapshot_interval_s: float = field(
         default_factory=lambda: float(_env("SNAPSHOT_INTERVAL_S", "0.5")))
+    # -- failover: how fast a dead worker's partitions serve again ------------------
+    #: Static group membership (KIP-345): a worker that restarts with the same instance
+    #: id gets its partitions back at once instead of after the dead member's session
+    #: times out. One id per worker, the same across its restarts; "" = derived from
+    #: the app id, host and web port (:meth:`instance_id`).
+    group_instance_id: str = field(default_factory=lambda: _env("GROUP_INSTANCE_ID", ""))
+    #: A member silent this long is dropped from the group and another worker takes
+    #: its partitions. Brokers refuse values below their group.min.session.timeout.ms
+    #: (Kafka's default 6 s); Faust's default was 60 s.
+    session_timeout_s: float = field(
+        default_factory=lambda: float(_env("SESSION_TIMEOUT_S", "6")))
+    heartbeat_interval_s: float = field(
+        default_factory=lambda: float(_env("HEARTBEAT_INTERVAL_S", "1")))
+    #: How long a rebalance waits for every live member to rejoin.
+    rebalance_timeout_s: float = field(
+        default_factory=lambda: float(_env("REBALANCE_TIMEOUT_S", "10")))
+    #: Offsets are committed this often: what a killed worker redoes after a restart.
+    commit_interval_s: float = field(
+        default_factory=lambda: float(_env("COMMIT_INTERVAL_S", "1")))
+    #: A worker told to stop (SIGTERM/SIGINT) exits after this long even if a part of
+    #: it is stuck (waiting to join its group, a broker that is gone).
+    stop_timeout_s: float = field(default_factory=lambda: float(_env("STOP_TIMEOUT_S", "8")))
+
+    def instance_id(self) -> str:
+        """This worker's static group member id."""
+        return self.group_instance_id or f"{self.app_id}-{socket.gethostname()}-{self.web_port}"
 
 
 settings = Settings()
