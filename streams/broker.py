@@ -240,6 +240,8 @@ share.coordinator.state.topic.min.isr=1
 auto.create.topics.enable=false
 delete.topic.enable=true
 group.initial.rebalance.delay.ms=0
+# let workers use short consumer-group sessions, so a dead one's partitions move in ~2 s
+group.min.session.timeout.ms=1000
 # a dev box: keep background threads small
 num.network.threads=2
 num.io.threads=4

@@ -51,7 +51,16 @@ def cmd_worker(args) -> int:
     cluster = AdminClient({"bootstrap.servers": s.bootstrap}).list_topics(timeout=15).cluster_id
     data_dir = s.data_dir / f"cluster-{cluster}" / s.app_id
     data_dir.mkdir(parents=True, exist_ok=True)
-    streams.settings.settings = dataclasses.replace(s, data_dir=data_dir)
+    s = dataclasses.replace(s, data_dir=data_dir)
+    # A session shorter than the broker allows would be refused at the first join.
+    from streams.admin import min_session_timeout_s
+    floor = min_session_timeout_s(s.bootstrap)
+    if floor is not None and floor > s.session_timeout_s:
+        print(f"streamrec worker: session timeout {s.session_timeout_s} s raised to the "
+              f"broker's minimum {floor} s", file=sys.stderr)
+        s = dataclasses.replace(s, session_timeout_s=floor,
+                                heartbeat_interval_s=max(s.heartbeat_interval_s, floor / 4))
+    streams.settings.settings = s
     from streams.app import app
     sys.argv = ["streamrec-worker", "worker", "-l", args.loglevel]
     app.main()

@@ -74,12 +74,13 @@ class Settings:
     #: the app id, host and web port (:meth:`instance_id`).
     group_instance_id: str = field(default_factory=lambda: _env("GROUP_INSTANCE_ID", ""))
     #: A member silent this long is dropped from the group and another worker takes
-    #: its partitions. Brokers refuse values below their group.min.session.timeout.ms
-    #: (Kafka's default 6 s); Faust's default was 60 s.
+    #: its partitions (Faust's default was 60 s). Brokers refuse sessions shorter than
+    #: their group.min.session.timeout.ms (Kafka's default 6 s, the local broker's
+    #: 1 s): ``streamrec worker`` raises it to that minimum.
     session_timeout_s: float = field(
-        default_factory=lambda: float(_env("SESSION_TIMEOUT_S", "6")))
+        default_factory=lambda: float(_env("SESSION_TIMEOUT_S", "2")))
     heartbeat_interval_s: float = field(
-        default_factory=lambda: float(_env("HEARTBEAT_INTERVAL_S", "1")))
+        default_factory=lambda: float(_env("HEARTBEAT_INTERVAL_S", "0.5")))
     #: How long a rebalance waits for every live member to rejoin.
     rebalance_timeout_s: float = field(
         default_factory=lambda: float(_env("REBALANCE_TIMEOUT_S", "10")))
@@ -89,6 +90,12 @@ class Settings:
     #: A worker told to stop (SIGTERM/SIGINT) exits after this long even if a part of
     #: it is stuck (waiting to join its group, a broker that is gone).
     stop_timeout_s: float = field(default_factory=lambda: float(_env("STOP_TIMEOUT_S", "8")))
+    #: Copies of each topic ``streamrec topics create`` makes (1 on one broker; 3 on a
+    #: cluster), and how many must have a write before it is acknowledged (0 = the
+    #: broker's default on one copy, all but one copy otherwise).
+    replication_factor: int = field(default_factory=lambda: int(_env("REPLICATION_FACTOR", "1")))
+    min_insync_replicas: int = field(
+        default_factory=lambda: int(_env("MIN_INSYNC_REPLICAS", "0")))
 
     def instance_id(self) -> str:
         """This worker's static group member id."""
