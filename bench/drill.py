@@ -391,6 +391,33 @@ class Workers:
                 log(f"worker exited by itself ({w.proc.returncode}): {w.tail(5)}")
                 w.proc = None
 
+    def stop_checks(self, h: Harness) -> dict:
+        """Seconds a worker takes to stop on SIGTERM while it starts (joining its group)
+        and while the broker is down."""
+        from streams import broker
+        w, out = self.procs[0], {}
+        for state in ("starting", "broker_down"):
+            starter = threading.Thread(target=self._start_quietly, args=(w,), daemon=True)
+            starter.start()
+            if state == "starting":
+                time.sleep(2.5)  # imports done, joining the group
+            else:
+                starter.join(120)
+                broker.stop(port=h.args.port)
+            t0 = time.monotonic()
+            w.stop(timeout=30)
+            out[state] = round(time.monotonic() - t0, 2)
+            starter.join(10)
+        broker.start(port=h.args.port, timeout=90)
+        return out
+
+    @staticmethod
+    def _start_quietly(w) -> None:
+        try:
+            w.start(timeout=120)
+        except Exception:  # stopped while starting: the point of the check
+            pass
+
     def stop_all(self) -> list:
         times = []
         for w in self.procs:
@@ -444,7 +471,8 @@ def main(args: argparse.Namespace) -> dict:
         try:
             result.update(drill(args, h, workers, duration))
         finally:
-            result["stop_s"] = workers.stop_all()
+            result["stop_s"] = {"serving": workers.stop_all()}
+        result["stop_s"].update(workers.stop_checks(h))
     return result
 
 
@@ -472,7 +500,7 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
     for j in range(args.broker_restarts):
         plan.insert((j + 1) * len(plan) // (args.broker_restarts + 1) + j, "broker")
     gap = duration / (len(plan) + 1)
-    kills, broker_outages, returns = [], [], []
+    kills, broker_outages, broker_back, returns = [], [], [], []
     t0 = time.monotonic()
     for n, what in enumerate(plan, 1):
         while time.monotonic() < t0 + n * gap:
@@ -499,6 +527,7 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
             broker.stop(port=h.args.port)
             time.sleep(2.0)
             broker.start(port=h.args.port, timeout=90)
+            broker_back.append(time.time())
             broker_outages.append(t_stop)
             state["broker_restarts"] = len(broker_outages)
     state["phase"] = "draining"
@@ -523,6 +552,10 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
         return min([e for e in ends if e > t] + [t + 60]) - args.deadline
 
     serving = [requests.serving_again(k, until_next(k)) for k in kills]
+    if args.requests_log:
+        Path(args.requests_log).write_bytes(orjson.dumps({
+            "requests": requests.log, "kills": kills, "broker_outages": broker_outages,
+            "broker_back": broker_back, "returns": returns}))
     return {
         "events": {"inputs": agent_inputs(h.app_id, h.partitions),
                    "sent_valid": len(inp.valid), "messages": dict(inp.messages),
@@ -538,9 +571,11 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
             **{k: v for k, v in summary([s for s in serving if s is not None]).items()
                if k in ("p50", "p99", "max")},
             "never": sum(s is None for s in serving)},
+        # From the broker's stop; "up_after_s": when it listened again.
         "broker_restart_to_serving_s": [
-            None if s is None else round(s, 2) for s in (
-                requests.serving_again(b, until_next(b)) for b in broker_outages)],
+            {"serving_after_s": None if s is None else round(s, 2), "up_after_s": round(up - b, 2)}
+            for s, b, up in ((requests.serving_again(b, until_next(b)), b, up)
+                             for b, up in zip(broker_outages, broker_back))],
         "worker_exits_not_caused_by_the_drill": workers.unexpected_exits,
     }
 
@@ -564,6 +599,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--requests-log", metavar="PATH",
+                    help="write each request (partition, sent, outcome, ended) and the chaos "
+                         "times as JSON, to look into an outage")
     return ap
 
 
