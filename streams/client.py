@@ -41,7 +41,7 @@ class PendingReplies:
     request is over is recognised: ``late_replies`` (the deadline had passed) or
     ``duplicate_replies`` (it had been answered); ``other_replies`` are another
     client's on the same partition.  No Kafka here: the client's reader thread
-    calls :meth:`reply` and :meth:`expire`.
+    calls :meth:`reply`, its deadline thread :meth:`expire`.
 
     >>> pending = PendingReplies(remember=100)
     >>> a, b = pending.add("a", deadline=10.0, timeout=1.0), pending.add("b", 10.0, 1.0)
@@ -143,9 +143,13 @@ class RecommendationClient:
         self._thread = threading.Thread(target=self._read_replies, daemon=True,
                                         name="reply-reader")
         self._thread.start()
+        # Deadlines are kept by a thread of their own: a Kafka call that blocks (the
+        # broker gone, say) must not hold a request past its deadline.
+        self._timer = threading.Thread(target=self._expire_requests, daemon=True,
+                                       name="reply-deadlines")
+        self._timer.start()
 
     def _read_replies(self) -> None:
-        next_sweep = 0.0
         while not self._stop.is_set():
             try:
                 # poll() returns as soon as one reply arrives (consume(n, timeout) would
@@ -159,15 +163,15 @@ class RecommendationClient:
             except Exception:  # the reader must outlive anything the broker sends
                 self.counts["reader_errors"] += 1
                 time.sleep(0.1)
-            now = time.monotonic()
-            if now >= next_sweep:
-                next_sweep = now + 0.01
-                self._pending.expire(now)
+
+    def _expire_requests(self) -> None:
+        while not self._stop.wait(0.01):
+            self._pending.expire(time.monotonic())
 
     def request(self, req: RecommendationRequest, timeout: float) -> RecommendationReply:
         """Send ``req`` and wait for its reply; raises :class:`RecommendationTimeout`."""
-        # The reader thread fails the future at the deadline; the extra second only
-        # guards against a reader that is gone.
+        # The deadline thread fails the future at the deadline; the extra second only
+        # guards against that thread being gone.
         return self.submit_request(req, timeout).result(timeout + 1.0)
 
     def _new_request(self, user_id, surface: str, k: int, timeout: float,
@@ -189,8 +193,9 @@ class RecommendationClient:
         """Send ``req`` without waiting; the future resolves to its reply.
 
         The future fails with :class:`RecommendationTimeout` about ``timeout``
-        seconds after sending (checked every ~10 ms by the reply reader).
-        Callbacks added to it run on the reply-reader thread: keep them short.
+        seconds after sending (checked every ~10 ms).
+        Callbacks added to it run on the client's reader or deadline thread: keep
+        them short.
         """
         fut = self._pending.add(req.request_id, time.monotonic() + timeout, timeout)
         try:
@@ -212,6 +217,7 @@ class RecommendationClient:
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=2)
+        self._timer.join(timeout=2)
         self._pending.fail_all("client closed before the reply arrived")
         self._producer.flush(5)
         self._consumer.close()
