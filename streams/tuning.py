@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 
 class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
     fetch_wait_ms = 5
+    #: With the broker gone, aiokafka's consumer.stop() looks for the group
+    #: coordinator without end; its connections close with the process anyway.
+    stop_wait_s = 3.0
+
+    async def on_thread_stop(self) -> None:
+        # asyncio.wait, not wait_for: wait_for would wait for the cancelled stop too.
+        stopping = asyncio.ensure_future(super().on_thread_stop())
+        done, _ = await asyncio.wait({stopping}, timeout=self.stop_wait_s)
+        if not done:
+            log.warning("the consumer did not stop within %.0f s (broker gone?): "
+                        "leaving it to the process exit", self.stop_wait_s)
 
     def _create_worker_consumer(self, transport):
         consumer = super()._create_worker_consumer(transport)
@@ -53,13 +65,14 @@ class _TableManager(TableManager):
             await self.recovery.start()
 
 
-def exit_after(seconds: float, reason: str) -> threading.Timer:
-    """Start a daemon timer that ends the process (exit status 70) after ``seconds``,
+def exit_after(seconds: float, reason: str, status: int = 70) -> threading.Timer:
+    """Start a daemon timer that ends the process with ``status`` after ``seconds``,
     unless it is cancelled first: a stop that hangs cannot outlive it."""
     def _exit() -> None:
-        log.error("%s did not finish within %.0f s: exiting now", reason, seconds)
+        log.log(logging.ERROR if status else logging.INFO,
+                "%s did not finish within %.0f s: exiting now", reason, seconds)
         logging.shutdown()
-        os._exit(70)
+        os._exit(status)
     timer = threading.Timer(seconds, _exit)
     timer.daemon = True
     timer.start()
@@ -73,6 +86,13 @@ class _Worker(Worker):
         if not self._signal_stop_time:
             exit_after(self.stop_timeout, f"stopping on {signal.Signals(signum).name}")
         super()._schedule_shutdown(signum)
+
+    def stop_and_shutdown(self) -> None:
+        super().stop_and_shutdown()
+        # Faust has stopped: offsets committed, its producer flushed. With the broker
+        # gone, other clients' threads (librdkafka, executors) can still hold the
+        # interpreter's exit for tens of seconds; give them a moment, not more.
+        exit_after(2.0, "the interpreter's exit after the worker stopped", status=0)
 
 
 class StreamrecApp(faust.App):
