@@ -221,7 +221,8 @@ def main(args: argparse.Namespace) -> dict:
             f"shift at {args.shift_at}, training {'off' if args.no_training else 'on'}")
         sim = simulate(h.bootstrap, config, requests_per_s=args.rate, duration_s=args.duration,
                        k=args.k, bucket_s=args.interval, plot=plot, progress=not args.quiet,
-                       quality_from_s=NOT_BELOW_POPULARITY_AFTER_S)
+                       quality_from_s=NOT_BELOW_POPULARITY_AFTER_S,
+                       probe_every=args.probe_every)
         registry = registry_versions(h.bootstrap, sim["run"]["loop_started_at"],
                                      sim["run"]["time_scale"])
         counters = worker.stats().get("counters", {})
@@ -260,6 +261,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--interval", type=float, default=30.0,
                     help="width of the reported intervals, seconds (default %(default)s)")
     ap.add_argument("-k", type=int, default=10, help="items per request (default %(default)s)")
+    ap.add_argument("--probe-every", type=int, default=0, metavar="N",
+                    help="after every N requests, probe the user's ranked pool (200 items, no "
+                         "events) to tell what retrieval allowed from what ranking chose")
     ap.add_argument("--no-training", action="store_true",
                     help="online training off (STREAMREC_ONLINE_TRAINING=0): blend-only ranking")
     for flag, (env, default) in LOOP_ENV.items():

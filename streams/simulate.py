@@ -119,6 +119,30 @@ def aggregate(records: Sequence[dict]) -> dict:
     return out
 
 
+def probe_summary(probes: Sequence[dict], from_s: float = 0.0) -> dict:
+    """Where the funnel loses value, from probe requests sent from ``from_s`` on.
+
+    A probe asks for the user's whole ranked pool (many items, no impressions
+    sent).  ``share_ranked`` is the share of oracle of the pool's first k (what
+    the ranking chose), ``share_pool_best`` of the best k lists built from the
+    pool alone (what retrieval allowed); the oracle chooses from every unseen item.
+
+    >>> p = {"t": 5.0, "pool": 100, "ranked": 3.0, "pool_best": 5.0, "random": 1.0, "oracle": 9.0}
+    >>> probe_summary([p])
+    {'probes': 1, 'from_s': 0.0, 'pool_mean': 100.0, 'share_ranked': 0.25, 'share_pool_best': 0.5}
+    """
+    rows = [p for p in probes if p["t"] >= from_s]
+    out: dict = {"probes": len(rows), "from_s": from_s}
+    if not rows:
+        return out
+    mean = {key: float(np.mean([p[key] for p in rows]))
+            for key in ("pool", "ranked", "pool_best", "random", "oracle")}
+    out["pool_mean"] = _round(mean["pool"])
+    for name in ("ranked", "pool_best"):
+        out[f"share_{name}"] = _round(share_of_oracle(mean[name], mean["random"], mean["oracle"]))
+    return out
+
+
 def over_time(records: Sequence[dict], width: float, end: float,
               outcomes: Sequence[tuple] = ()) -> list[dict]:
     """:func:`aggregate` per window of ``width`` simulated seconds, by the time the
@@ -328,7 +352,8 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
         settle_s: float = 2.0, timeout: float = 2.0, time_scale: float = 1.0,
         bucket_s: Optional[float] = None, plot: Optional[str] = None,
         log: Optional[list] = None, tag: Optional[str] = None,
-        quality_from_s: Optional[float] = None) -> dict:
+        quality_from_s: Optional[float] = None, probe_every: int = 0,
+        probe_k: int = 200) -> dict:
     """Run the closed loop for ``duration_s`` wall seconds; returns the summary.
 
     Simulated time is wall seconds since the loop started times ``time_scale``
@@ -339,7 +364,9 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
     given, receives one dict per answered request (request id, user, items).
     ``tag`` names the run's ids (default ``config.tag``, else a fresh random
     one).  ``quality_from_s``, if given, adds the prediction quality of the
-    requests sent from that simulated second on.
+    requests sent from that simulated second on.  ``probe_every`` > 0 sends,
+    after every that many requests, a probe of ``probe_k`` items for the same
+    user (see :func:`probe_summary`); probes send no events.
     """
     from tqdm import tqdm
 
@@ -362,6 +389,7 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
     truth: dict = {}
     fired: dict = {}
     sent_at: dict = {}
+    probes: list[dict] = []
     started = time.time()
 
     with EventProducer(bootstrap) as producer:
@@ -429,6 +457,29 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
                                 "user_id": user_id(user, config.tag),
                                 "items": [item_id(i, config.tag) for i in known], "t": t})
 
+            def handle_probe(fut, user: int, t_sent: float) -> None:
+                t = (time.monotonic() - t0) * time_scale
+                world.step(t)
+                try:
+                    reply = fut.result()
+                except Exception:
+                    return
+                pool = [i for i in (parse_item(r.item_id, config.tag) for r in reply.items)
+                        if i is not None and i < world.n_items]
+                cands = world.candidates(user, t)
+                # The paired request's items may be shown by now: the pool's best is built
+                # from what the user has still not seen, as the oracle's is.
+                unseen = np.intersect1d(np.array(pool), cands)
+                if reply.error or len(pool) < k or len(unseen) < k:
+                    return
+                value = {name: list_stats(world, user, POLICIES[name](world, user, cands, k, t),
+                                          t)["value"] for name in ("random", "oracle")}
+                probes.append({"t": t_sent, "pool": len(pool), **value,
+                               "ranked": list_stats(world, user, pool[:k], t)["value"],
+                               "pool_best": list_stats(world, user, POLICIES["oracle"](
+                                   world, user, unseen, k, t), t)["value"]})
+
+            probing: deque = deque()
             while True:
                 now = time.monotonic()
                 sending = now - t0 < duration_s
@@ -438,6 +489,10 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
                                         context=context)
                     pending.append((fut, user, (now - t0) * time_scale))
                     counts["sent"] += 1
+                    if probe_every and counts["sent"] % probe_every == 0:
+                        probing.append((client.submit(user_id(user, config.tag), surface,
+                                                      probe_k, timeout=timeout, context=context),
+                                        user, (now - t0) * time_scale))
                     next_send += 1.0 / requests_per_s
                 if sending and organic_per_s > 0 and now >= next_organic:
                     world.step((now - t0) * time_scale)
@@ -457,7 +512,13 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
                                             refresh=False)
                     else:
                         pending.append((fut, user, t_sent))
-                if not sending and not pending:
+                for _ in range(len(probing)):
+                    fut, user, t_sent = probing.popleft()
+                    if fut.done():
+                        handle_probe(fut, user, t_sent)
+                    else:
+                        probing.append((fut, user, t_sent))
+                if not sending and not pending and not probing:
                     break
                 time.sleep(0.001)
             bar.close()
@@ -484,6 +545,10 @@ def run(bootstrap: str, config: WorldConfig, *, requests_per_s: float, duration_
         "model_versions": version_timeline(records),
         "over_time": series,
     }
+    if probe_every:
+        result["funnel_probes"] = {"whole_run": probe_summary(probes),
+                                   **({"from": probe_summary(probes, quality_from_s)}
+                                      if quality_from_s is not None else {})}
     if quality_from_s is not None:
         late = {rid for rid, t in sent_at.items() if t >= quality_from_s}
         result["prediction_quality_from"] = {
