@@ -35,6 +35,7 @@ def test_short_drill_meets_the_reliability_targets(tmp_path):
          "--port", str(drill_port()), "--web-port", str(WEB_PORT + 4)],
         cwd=ROOT, capture_output=True, text=True, timeout=580)
     (tmp_path / "drill.err").write_text(out.stderr)
+    (tmp_path / "drill.json").write_text(out.stdout)
     assert out.stdout.strip(), out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert "error" not in result, out.stderr[-3000:]
