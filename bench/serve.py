@@ -50,7 +50,7 @@ from typing import Callable, Optional
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (CpuMeter, Harness, add_common_args, log,  # noqa: E402
-                          produce_events, ratio, run, summary)
+                          percentile, produce_events, ratio, run, summary)
 
 DEFAULT_PORT = 19592
 ECHO_REQUESTS = "bench.echo.requests"
@@ -105,8 +105,8 @@ def load_summary(raw: dict, rate: float) -> dict:
     lags = sorted(raw["lag_ms"])
     return {"sent": raw["sent"], "target_rate": rate,
             "achieved_rate": round(raw["sent"] / raw["send_seconds"], 1) if raw["send_seconds"] else None,
-            "send_lag_ms": {"p50": round(lags[int(0.5 * (len(lags) - 1))], 3) if lags else None,
-                            "p99": round(lags[int(0.99 * (len(lags) - 1))], 3) if lags else None,
+            "send_lag_ms": {"p50": round(percentile(lags, 50), 3) if lags else None,
+                            "p99": round(percentile(lags, 99), 3) if lags else None,
                             "max": round(lags[-1], 3) if lags else None}}
 
 

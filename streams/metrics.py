@@ -39,17 +39,24 @@ def observe_latency(ms: float) -> None:
     reply_latency.observe(ms / 1000.0)
 
 
-def percentile(values, q: float) -> float:
-    """Nearest-rank percentile; ``q`` in [0, 100].
+def percentile(values: Iterable[float], q: float) -> Optional[float]:
+    """Nearest-rank percentile, ``q`` in [0, 100]: the smallest of ``values`` (in any
+    order) with at least ``q`` percent of them at or below it; None when there are none.
 
-    >>> percentile([1, 2, 3, 4], 50)
-    2
+    The one percentile of the project: the worker's figures and the benches'
+    summaries (bench/common.py) both use it, so their p99s mean the same thing.
+
+    >>> percentile([4, 1, 3, 2], 50), percentile([1, 2, 3, 4], 75), percentile(range(1, 101), 99)
+    (2, 3, 99)
+    >>> percentile([7], 0), percentile([], 50) is None
+    (7, True)
     """
-    if not values:
-        return float("nan")
     ordered = sorted(values)
-    idx = max(0, min(len(ordered) - 1, int(round(q / 100.0 * len(ordered) + 0.5)) - 1))
-    return ordered[idx]
+    if not ordered:
+        return None
+    # q * n / 100 rather than q / 100 * n: exact for whole q (0.07 * 100 is 7.000000000000001).
+    rank = max(1, math.ceil(q * len(ordered) / 100.0))
+    return ordered[min(rank, len(ordered)) - 1]
 
 
 def latency_bucket(ms: float) -> int:
