@@ -194,6 +194,9 @@ def moved(record: dict, state: str, *, by: str, reason: str = "", at: Optional[f
     at = time.time() if at is None else at
     new = {**record, **changes, "state": state, "moved_by": by, "reason": reason}
     new = {k: v for k, v in new.items() if not (k in changes and v is None)}
+    if state != LIVE:
+        # A hold means "the live version stays until a promote": it leaves with live.
+        new.pop("hold", None)
     if state != record.get("state"):
         new["history"] = list(record.get("history", [])) + [[at, state]]
     new["moves"] = list(record.get("moves", [])) + [
@@ -221,19 +224,26 @@ def release(candidate: dict, live: Optional[dict]) -> dict:
     ...         "hold": hold_for_rollback("v2", 1.0)}
     >>> release(cand, held)["reason"]
     'held by a rollback: rollback of v2 (v1 stays live until an operator promotes a version)'
-    >>> release({**cand, "tier": "TIER1"}, None)["reason"]
-    'awaiting approval (TIER1)'
+    >>> waiting = release({**cand, "tier": "TIER1", "history": [[5.0, "live"]]}, None)
+    >>> waiting["state"], waiting["reason"], waiting["history"]
+    ('registered', 'awaiting approval (TIER1)', [[5.0, 'registered']])
     """
     if candidate.get("state") != LIVE:
         return candidate
     if live is not None and live.get("hold"):
-        return {**candidate, "state": REGISTERED, "reason":
-                f"held by a rollback: {live['hold'].get('reason', 'rollback')} "
-                f"({live['version']} stays live until an operator promotes a version)"}
+        return _registered(candidate, f"held by a rollback: {live['hold'].get('reason', 'rollback')} "
+                           f"({live['version']} stays live until an operator promotes a version)")
     tier = tier_of(candidate.get("tier"))
     if tier.needs_approval:
-        return {**candidate, "state": REGISTERED, "reason": f"awaiting approval ({tier.name})"}
+        return _registered(candidate, f"awaiting approval ({tier.name})")
     return candidate
+
+
+def _registered(candidate: dict, reason: str) -> dict:
+    # Its history must not say live: rollback and serving read "live" entries there.
+    history = [[t, REGISTERED if state == LIVE else state]
+               for t, state in candidate.get("history", [])]
+    return {**candidate, "state": REGISTERED, "reason": reason, "history": history}
 
 
 def slo_for(tier: str, base: SLO = SLO()) -> SLO:

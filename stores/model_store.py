@@ -23,6 +23,9 @@ from typing import Optional
 
 import torch
 
+from models.registry import (LIVE, RETIRED, ROLLED_BACK, hold_for_rollback, moved, release,
+                             validate_record)
+
 CHUNK_BYTES = 900_000
 
 
@@ -112,6 +115,10 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
     from confluent_kafka import Producer
 
     from schemas.topics import MODEL_REGISTRY, MODEL_WEIGHTS
+    validate_record(record)
+    if (record["model"], record["version"]) != (model, version):
+        raise ValueError(f"registry record {record['model']}/{record['version']} published as "
+                         f"{model}/{version}")
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
                          "linger.ms": 5})
     parts = split(blob)
@@ -138,6 +145,20 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
                              value=None)
         producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/manifest".encode(), value=None)
     producer.flush(30)
+
+
+def publish_candidate(bootstrap: str, model: str, version: str, blob: bytes,
+                      record: dict) -> dict:
+    """Publish a version the online trainer's gate judged; returns the record as written.
+
+    The gate may say ``live``; the version is still written ``registered`` while a
+    rollback holds the model, or when its tier needs an operator's approval
+    (:func:`models.registry.release`).
+    """
+    live = live_records(read_registry(bootstrap), model)
+    record = release(record, live[-1] if live else None)
+    publish(bootstrap, model, version, blob, record)
+    return record
 
 
 def live_since(record: dict) -> float:
@@ -185,27 +206,54 @@ def protected_versions(registry: dict[str, dict], model: str) -> set[str]:
 
 def retire_others(bootstrap: str, registry: dict[str, dict], record: dict) -> list[dict]:
     """Mark every other live version of ``record``'s model ``retired``: one version is live."""
-    return [set_state(bootstrap, r, "retired", retired_by=record["version"])
+    return [set_state(bootstrap, r, "retired", by="registry",
+                      reason=f"replaced by {record['version']}", retired_by=record["version"],
+                      hold=None)
             for r in live_records(registry, record["model"]) if r["version"] != record["version"]]
 
 
-def promote(bootstrap: str, record: dict) -> dict:
-    """Make ``record``'s version live (an operator's decision) and retire the one it replaces."""
+def _current(registry: dict[str, dict], record: dict) -> dict:
+    """The registry's newest record of ``record``'s version (a caller's copy may be stale)."""
+    key = f"{record['model']}/{record['version']}"
+    if key not in registry:
+        raise RuntimeError(f"no version {record['version']!r} of {record['model']!r} in the "
+                           f"registry")
+    return registry[key]
+
+
+def promote(bootstrap: str, record: dict, by: str = "operator") -> dict:
+    """Make ``record``'s version live (an operator's decision) and retire the one it replaces.
+
+    Promoting clears a rollback's hold; promoting the held live version itself only
+    clears the hold.
+    """
+    import time
+    registry = read_registry(bootstrap)
+    record = _current(registry, record)
     if record["version"] not in dict(published_versions(bootstrap, record["model"])):
         raise RuntimeError(f"{record['model']} {record['version']}: its weights are no longer "
                            f"published")
-    import time
+    if record["state"] == LIVE:
+        if not record.get("hold"):
+            raise RuntimeError(f"{record['model']} {record['version']} is already live")
+        return set_state(bootstrap, record, LIVE, by=by,
+                         reason=f"promoted by {by}: {record['hold'].get('reason')} released",
+                         promoted=time.time(), hold=None)
     # Marked, so the registry tells an operator's choice from the gate's.
-    new = set_state(bootstrap, record, "live", promoted=time.time())
+    new = set_state(bootstrap, record, LIVE, by=by, reason=f"promoted by {by}",
+                    promoted=time.time(), hold=None)
     retire_others(bootstrap, read_registry(bootstrap), new)
     return new
 
 
-def rollback(bootstrap: str, model: str) -> tuple[dict, dict]:
+def rollback(bootstrap: str, model: str, by: str = "operator") -> tuple[dict, dict]:
     """Put the previously live version back live and mark the current one ``rolled_back``.
 
-    Returns (rolled back, now live).  The previous version must still have its weights.
+    Returns (rolled back, now live).  The previous version must still have its
+    weights.  The version put back holds the rollback: the trainer's gate registers
+    its versions but makes none live until someone promotes one.
     """
+    import time
     registry = read_registry(bootstrap)
     current = live_records(registry, model)
     previous = previous_live(registry, model)
@@ -213,10 +261,26 @@ def rollback(bootstrap: str, model: str) -> tuple[dict, dict]:
         raise RuntimeError(f"nothing to roll back to: {model} has no earlier live version")
     if previous["version"] not in dict(published_versions(bootstrap, model)):
         raise RuntimeError(f"{model} {previous['version']}: its weights are no longer published")
+    newest = current[-1]["version"]
     # The previous version goes live first, so serving never falls back to no model.
-    back = set_state(bootstrap, previous, "live")
-    gone = [set_state(bootstrap, r, "rolled_back") for r in current if r["version"] != back["version"]]
+    back = set_state(bootstrap, previous, LIVE, by=by, reason=f"rollback of {newest} by {by}",
+                     hold=hold_for_rollback(newest, time.time(), by))
+    gone = [set_state(bootstrap, r, ROLLED_BACK, by=by,
+                      reason=f"rolled back to {back['version']} by {by}", hold=None)
+            for r in current if r["version"] != back["version"]]
     return gone[-1], back
+
+
+def retire(bootstrap: str, record: dict, by: str = "operator") -> dict:
+    """Take a version out of use for good: it will not be promoted by accident.  A live
+    version is refused (serving would lose its model): promote another or roll back."""
+    record = _current(read_registry(bootstrap), record)
+    if record["state"] == LIVE:
+        raise RuntimeError(f"{record['model']} {record['version']} is live: promote another "
+                           f"version or roll back before retiring it")
+    if record["state"] == RETIRED:
+        raise RuntimeError(f"{record['model']} {record['version']} is already retired")
+    return set_state(bootstrap, record, RETIRED, by=by, reason=f"retired by {by}")
 
 
 def published_versions(bootstrap: str, model: str) -> list[tuple[str, int]]:
@@ -251,16 +315,17 @@ def read_registry(bootstrap: str) -> dict[str, dict]:
     return records
 
 
-def set_state(bootstrap: str, record: dict, state: str, **changes) -> dict:
-    """Write a new registry record for a version with another deployment state."""
-    import time
-
+def set_state(bootstrap: str, record: dict, state: str, *, by: str = "operator",
+              reason: str = "", **changes) -> dict:
+    """Write a new registry record for a version in another deployment state (or the
+    same state with other fields: a hold cleared).  The move must be allowed
+    (:func:`models.registry.check_transition`) and the record valid; who moved it and
+    why are recorded.  A change whose value is None removes that field."""
     import orjson
     from confluent_kafka import Producer
 
     from schemas.topics import MODEL_REGISTRY
-    new = {**record, **changes, "state": state,
-           "history": record.get("history", []) + [[time.time(), state]]}
+    new = moved(record, state, by=by, reason=reason, **changes)
     producer = Producer({"bootstrap.servers": bootstrap})
     producer.produce(MODEL_REGISTRY, key=f"{record['model']}/{record['version']}".encode(),
                      value=orjson.dumps(new))

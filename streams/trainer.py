@@ -10,8 +10,9 @@ on (:mod:`models.gate`).  Every ``STREAMREC_PUBLISH_INTERVAL_S`` it publishes a
 version: weights to ``models.weights``, a registry record (parent, lineage,
 metrics, the gate's decision and its evidence) to ``models.registry``.  The
 version is ``live`` only if the gate says it is better than the live version
-(the first must beat the base rate); otherwise it is ``registered``: kept for
-an operator to promote, not served.  Training continues from the trainer's
+(the first must beat the base rate), no rollback holds the model and its tier
+needs no operator's approval (:func:`models.registry.release`); otherwise it is
+``registered``: kept for an operator to promote, not served.  Training continues from the trainer's
 own state either way; it adopts the live version only when someone else made
 it live (a bootstrap, promote or rollback).  Workers swap to a live version
 atomically when it has fully arrived.
@@ -120,10 +121,12 @@ def _publish() -> dict:
         {"offsets": dict(state["offsets"]), "trained_on": socket.gethostname()},
         {k: round(v, 5) for k, v in state["losses"].items()}, decision.to_dict())
     version = record["version"]
-    model_store.publish(settings.bootstrap, MODEL, version, model_store.serving_bytes(trainer),
-                        record)
+    # The gate's go-live still waits while a rollback holds the model or its tier
+    # needs an operator's approval: the record comes back registered, with the reason.
+    record = model_store.publish_candidate(settings.bootstrap, MODEL, version,
+                                           model_store.serving_bytes(trainer), record)
     state["parent"] = version
-    if decision.go_live:
+    if record["state"] == "live":
         state["made_live"] = version
     if decision.decided:
         # The next decision is judged on examples that come after this one.
@@ -180,7 +183,8 @@ async def train(stream):
                 metrics.counters[f"model_versions_{record['state']}"] += 1
                 app.logger.info("published %s %s (%s) after %d examples: %s", MODEL,
                                 record["version"], record["state"],
-                                record["lineage"]["examples_seen"], record["decision"]["reason"])
+                                record["lineage"]["examples_seen"],
+                                record.get("reason") or record["decision"]["reason"])
         except Exception:
             # Training must never take serving down with it.
             metrics.counters["trainer_errors"] += 1
