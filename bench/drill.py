@@ -304,18 +304,34 @@ def latest(messages: list) -> dict:
     return state
 
 
-def compare_users(truth: dict, stored: dict) -> dict:
-    """Each user's stored history (event ids, event count) against the events sent."""
+def compare_users(truth: dict, stored: dict, partitions: int = 0, started: float = 0.0) -> dict:
+    """Each user's stored history (event ids, event count) against the events sent.
+
+    With ``partitions``, lost events are also listed per user partition, as
+    seconds since ``started`` (when they were made), to set beside the chaos times.
+
+    >>> truth = {"e1": {"user_id": "u", "ts": 11.0}, "e2": {"user_id": "u", "ts": 12.0}}
+    >>> compare_users(truth, {"u": {"ids": ["e1"], "n": 1}}, partitions=1, started=10.0)
+    {'users': 1, 'events': 2, 'lost': 1, 'counted_twice': 0, 'lost_by_partition': {'0': [2.0]}}
+    """
+    from schemas.topics import partition_for
     per_user: dict[str, set] = defaultdict(set)
     for eid, ev in truth.items():
         per_user[ev["user_id"]].add(eid)
     lost = twice = 0
+    by_partition: dict[str, list] = defaultdict(list)
     for user, ids in per_user.items():
         record = stored.get(user) or {}
         kept = set(record.get("ids", ())) & ids
         lost += len(ids) - len(kept)
         twice += max(0, int(record.get("n", 0)) - len(kept))
-    return {"users": len(per_user), "events": len(truth), "lost": lost, "counted_twice": twice}
+        if partitions:
+            by_partition[str(partition_for(user, partitions))].extend(
+                round(truth[e]["ts"] - started, 2) for e in ids - kept)
+    out = {"users": len(per_user), "events": len(truth), "lost": lost, "counted_twice": twice}
+    if partitions:
+        out["lost_by_partition"] = {p: sorted(ts) for p, ts in sorted(by_partition.items()) if ts}
+    return out
 
 
 def compare_items(truth: dict, stored: dict) -> dict:
@@ -491,6 +507,7 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
     requests = Requests(h.bootstrap, args.users, args.request_rate, args.deadline,
                         h.partitions).start()
     time.sleep(2.0)
+    started = time.time()
     producer = threading.Thread(target=produce, daemon=True, args=(
         h.bootstrap, inp, args.events, args.rate, args.duplicates, args.malformed,
         threading.Event(), state))
@@ -561,7 +578,8 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
                    "sent_valid": len(inp.valid), "messages": dict(inp.messages),
                    "not_acknowledged": inp.failed, "left_unconsumed": behind},
         "user_history": compare_users(inp.valid, latest(
-            read_all(h.bootstrap, changelog_name(h.app_id, "user_history")))),
+            read_all(h.bootstrap, changelog_name(h.app_id, "user_history"))),
+            h.partitions, started),
         "item_counts": compare_items(inp.valid, latest(
             read_all(h.bootstrap, changelog_name(h.app_id, "item_stats")))),
         "dead_letters": compare_dead_letters(inp, read_records(h.bootstrap)),
@@ -577,6 +595,10 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
             for s, b, up in ((requests.serving_again(b, until_next(b)), b, up)
                              for b, up in zip(broker_outages, broker_back))],
         "worker_exits_not_caused_by_the_drill": workers.unexpected_exits,
+        # Seconds since the first event, to set beside lost_by_partition.
+        "chaos_s": {name: [round(t - started, 2) for t in times] for name, times in
+                    (("kills", kills), ("returns", returns), ("broker_stops", broker_outages),
+                     ("broker_back", broker_back))},
     }
 
 

@@ -106,7 +106,9 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                            "replies are sent (no consumer)")),
         TopicSpec(ITEM_DELTAS, p, "item partition", "{item_id: delta} bundle (JSON): trending, co-engagement",
                   DAY_MS,
-                  writers=("streams.ingest: ingest agent, one bundle per item partition",),
+                  writers=("streams.ingest: ingest agent, one bundle per item partition",
+                           "streams.item_stats: item_stats agent, re-routing a bundle to its "
+                           "items' partition"),
                   readers=("streams.item_stats: item_stats agent",)),
         TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
                   compact=True, writers=("streams.item_stats: item_stats agent",),
@@ -217,6 +219,16 @@ def format_topic_map(specs: list[TopicSpec]) -> str:
                 module, _, role = entry.partition(":")
                 lines.append(f"  {label if n == 0 else ' ' * 6}  {module:{width}s}  {role.strip()}")
     return "\n".join(lines)
+
+
+def item_deltas_key(partition: int) -> bytes:
+    """The key of a bundle of ``partition``'s item deltas on ``item.deltas``; a bundle
+    read on another partition was not put there by ingest (a re-driven dead letter).
+
+    >>> item_deltas_key(3)
+    b'items-p3'
+    """
+    return f"items-p{partition}".encode()
 
 
 def partition_for(key: str, partitions: int) -> int:

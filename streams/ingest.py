@@ -38,12 +38,14 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 from models.history import UserHistory
 from models.item_state import SourcedDeltas, add_item_deltas, bundle_parts  # noqa: F401 (the fold, re-exported)
 from schemas.events import SchemaError, parse_events
-from schemas.topics import EVENTS, ITEM_DELTAS, partition_for
+from schemas.topics import EVENTS, ITEM_DELTAS, item_deltas_key, partition_for
 from streams import labels, metrics
+from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
@@ -95,25 +97,17 @@ def mark_replayed(batch) -> None:
 
 async def ingest_reliably(batch) -> None:
     await note_replay_zone(batch)
-    now = time.time()
-    try:
-        plan = await plan_batch(batch, now)
-        commit_tables(plan, now)
-    except Exception:
-        # A bug, or input the validator let through.  Find the messages that fail alone.
-        metrics.counters["ingest_errors"] += 1
-        app.logger.exception("ingest batch of %d messages failed; retrying one by one", len(batch))
-        mark_replayed(batch)
-        for event in batch:
-            try:
-                plan = await plan_batch([event], now)
-            except Exception as exc:
-                metrics.counters["ingest_messages_failed"] += 1
-                await send_dead_letter(event.value, f"ingest failed: {exc!r}", event.message)
-                continue
-            commit_tables(plan, now)
-            await send_reliably(plan)
-        return
+    # A failure is a bug, or input the validator let through: nothing of the batch
+    # was sent, so the guard retries its messages one by one and parks, unapplied,
+    # only those that fail alone (a failed attempt may have written tables, hence
+    # mark_replayed).
+    await guarded("ingest", partial(apply_and_send, now=time.time()), batch,
+                  Policy.ONE_BY_ONE, before_retry=mark_replayed)
+
+
+async def apply_and_send(batch, now: float) -> None:
+    plan = await plan_batch(batch, now)
+    commit_tables(plan, now)
     await send_reliably(plan)
 
 
@@ -251,6 +245,6 @@ async def send_plan(plan: BatchPlan) -> None:
     bundles = bundle_parts(plan.deltas.parts(), lambda item: partition_for(item, settings.partitions))
     for partition, messages in bundles.items():
         for value in messages:
-            await item_deltas_topic.send(key=f"items-p{partition}".encode(), value=value,
+            await item_deltas_topic.send(key=item_deltas_key(partition), value=value,
                                          partition=partition)
     metrics.counters["item_deltas_sent"] += plan.deltas.count()

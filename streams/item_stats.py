@@ -24,6 +24,11 @@ landed); and ingest never folds a range it may have sent before with new bounds
 take every delta, as before; bundles of the unsourced format are applied
 unchecked and counted in ``item_deltas_unsourced``.
 
+A batch that fails is retried bundle by bundle, and only the bundles that fail
+alone go to the dead-letter topic (:mod:`streams.agent_errors`).  A re-drive sends
+them back by key, so a bundle that lands on a partition not owning its items is
+re-routed to theirs with its marks (``item_deltas_rerouted``).
+
 Trending boards live in memory.  After a restart they are seeded from the
 last published snapshot, but only once the shared view has caught up with the
 snapshot topic: a board made before that is not published until it is seeded,
@@ -36,11 +41,13 @@ import time
 import orjson
 
 # The fold is pure (models.item_state); this module keeps table I/O, boards and publishing.
-from models.item_state import (apply_delta, apply_sourced, decode_parts, profile,  # noqa: F401
-                               seed_board, total_score)
+from models.item_state import (apply_delta, apply_sourced, bundle_parts, decode_parts,  # noqa: F401
+                               profile, seed_board, total_score)
 from models.trending import TrendingBoard
-from schemas.topics import AUTHOR_ITEMS, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS
+from schemas.topics import (AUTHOR_ITEMS, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS,
+                            item_deltas_key, partition_for)
 from streams import metrics
+from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
@@ -113,15 +120,15 @@ def seed_late() -> None:
 @app.agent(item_deltas_topic)
 async def item_stats_agent(stream):
     async for batch in stream.take_events(500, within=0.05):
-        try:
-            await apply_batch(batch)
-        except Exception:
-            metrics.counters["item_stats_errors"] += 1
-            app.logger.exception("item stats batch of %d messages failed", len(batch))
+        # Sourced bundles are applied at most once (their marks), so retrying a failed
+        # batch's bundles one by one is safe; only those that fail alone are parked.
+        await guarded("item_stats", apply_batch, batch, Policy.ONE_BY_ONE)
+        # A failed publish loses no data: the stats are in the table, and what was not
+        # sent stays marked for the next publish (the timer's, at the latest).
+        await guarded("item_stats_publish", lambda _: publish_due(), [], Policy.DROP)
 
 
 async def apply_batch(batch) -> None:
-    global _last_publish
     # item -> (an event from the item's partition, [(part, delta) in arrival order])
     merged: dict[str, tuple] = {}
     for event in batch:
@@ -130,6 +137,9 @@ async def apply_batch(batch) -> None:
             # Only the ingest agent writes here, so this is a bug or a stray producer.
             metrics.counters["bad_item_deltas"] += 1
             await send_dead_letter(event.value, parts, event.message)
+            continue
+        if misrouted(event.message, parts, item_partition):
+            await reroute(parts)
             continue
         for part in parts:
             for item, delta in part["items"].items():
@@ -166,6 +176,40 @@ async def apply_batch(batch) -> None:
                 item, total_score(stats["trend"], settings.trending_half_life_s), stats["author"])
             _dirty_authors.add((stats["author"], partition))
     metrics.counters["item_deltas_applied"] += applied
+
+
+def misrouted(msg, parts: list[dict], partition_of) -> bool:
+    """Some of the bundle's items belong to another partition: a re-driven dead letter
+    lands where its key hashes, not where ingest sent it.  The key is looked at
+    first (hashing every item of every bundle would slow the hot path); unsourced
+    parts (from before marks) are applied where they arrive, as they always were.
+
+    >>> from types import SimpleNamespace as Msg
+    >>> part = {"src": "events/0", "from": [1, 0], "to": [1, 0], "items": {"a": {}}}
+    >>> [misrouted(Msg(key=b"items-p2", partition=p), [part], {"a": 2}.get) for p in (2, 0)]
+    [False, True]
+    """
+    return (msg.key != item_deltas_key(msg.partition)
+            and all(p["src"] is not None for p in parts)
+            and any(partition_of(item) != msg.partition for p in parts for item in p["items"]))
+
+
+def item_partition(item: str) -> int:
+    return partition_for(item, settings.partitions)
+
+
+async def reroute(parts: list[dict]) -> None:
+    """Send parts to their items' partitions, marks kept: applied there at most once."""
+    for partition, messages in bundle_parts(parts, item_partition).items():
+        for value in messages:
+            await item_deltas_topic.send(key=item_deltas_key(partition), value=value,
+                                         partition=partition)
+            metrics.counters["item_deltas_rerouted"] += 1
+
+
+async def publish_due() -> None:
+    """Publish what changed, at most once per ``snapshot_interval_s``."""
+    global _last_publish
     now = time.time()
     if (_dirty or _dirty_profiles or _dirty_authors) and now - _last_publish >= settings.snapshot_interval_s:
         await publish_snapshots(now)
@@ -188,16 +232,25 @@ async def publish_snapshots(now: float) -> None:
     _dirty_profiles.clear()
     _dirty.difference_update(boards_due)
     _dirty_authors.difference_update(authors_due)
-    for item, stats in profiles.items():
-        await profiles_topic.send(key=item.encode(), value=orjson.dumps(profile(stats)))
-    for author, partition in authors_due:
-        snap = author_boards[(author, partition)].snapshot(AUTHOR_ITEMS_SIZE, now)
-        await author_items_topic.send(key=f"{author}/{partition}".encode(),
+    try:
+        for item, stats in profiles.items():
+            await profiles_topic.send(key=item.encode(), value=orjson.dumps(profile(stats)))
+        for author, partition in authors_due:
+            snap = author_boards[(author, partition)].snapshot(AUTHOR_ITEMS_SIZE, now)
+            await author_items_topic.send(key=f"{author}/{partition}".encode(),
+                                          value=orjson.dumps(snap), partition=0)
+        for surface, partition in boards_due:
+            snap = boards[(surface, partition)].snapshot(SNAPSHOT_SIZE, now)
+            await trending_topic.send(key=f"{surface}/{partition}".encode(),
                                       value=orjson.dumps(snap), partition=0)
-    for surface, partition in boards_due:
-        snap = boards[(surface, partition)].snapshot(SNAPSHOT_SIZE, now)
-        await trending_topic.send(key=f"{surface}/{partition}".encode(), value=orjson.dumps(snap),
-                                  partition=0)
+    except Exception:
+        # Mark it all again for the next round: the topics are compacted, so what
+        # did go out is only sent twice (a profile marked since is the newer one).
+        for item, stats in profiles.items():
+            _dirty_profiles.setdefault(item, stats)
+        _dirty.update(boards_due)
+        _dirty_authors.update(authors_due)
+        raise
     metrics.counters["profiles_published"] += len(profiles)
     metrics.counters["author_snapshots"] += len(authors_due)
     metrics.counters["trending_snapshots"] += len(boards_due)

@@ -23,6 +23,7 @@ from schemas.requests import RecommendationReply, RecommendationRequest, parse_r
 from models.features import HEADS
 from schemas.topics import PREDICTIONS, REPLIES, REQUESTS, partition_for
 from streams import labels, metrics
+from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.deadletters import send_dead_letter
 from streams.tables import user_history
@@ -37,12 +38,9 @@ predictions_topic = app.topic(PREDICTIONS)
 @app.agent(requests_topic)
 async def serve(stream):
     async for event in stream.events():
-        try:
-            await serve_one(event)
-        except Exception:
-            # One bad request must never stop serving for everyone else.
-            metrics.counters["serve_errors"] += 1
-            app.logger.exception("serving request at offset %s failed", event.message.offset)
+        # One bad request must never stop serving for everyone else; its client's
+        # deadline ends it (a request that fails validation is answered with the error).
+        await guarded("serve", lambda events: serve_one(events[0]), [event], Policy.DROP)
 
 
 def expired(req: RecommendationRequest, now: float) -> bool:

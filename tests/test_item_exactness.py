@@ -18,7 +18,7 @@ import streams.app  # noqa: F401  (the agents register on the app first)
 from faust.types import TP
 from models.item_state import SourcedDeltas
 from schemas.topics import EVENTS, partition_for
-from streams import ingest, item_stats, labels
+from streams import agent_errors, ingest, item_stats, labels
 from streams.settings import settings
 
 T0 = 1_700_000_000.0
@@ -55,12 +55,18 @@ class World:
         mp.setattr(item_stats, "item_stats", self.item_stats)
         mp.setattr(item_stats, "use_event", lambda event: None)
         mp.setattr(item_stats, "send_dead_letter", self._dead_letter)
+        mp.setattr(agent_errors, "send_dead_letter", self._dead_letter)
         for name in ("trending_topic", "profiles_topic", "author_items_topic"):
             mp.setattr(item_stats, name, FakeTopic())
         for name in ("boards", "author_boards"):
             mp.setattr(item_stats, name, {})
         mp.setattr(item_stats, "_unseeded", set())
         self.partition = partition_for("u0", settings.partitions)
+
+    def one_partition(self, monkeypatch):
+        """Every user and item on the drill's partition."""
+        for module in (ingest, item_stats):
+            monkeypatch.setattr(module, "partition_for", lambda key, n: self.partition)
 
     async def _end_offsets(self, tps):
         return {tp: self.end_offset for tp in tps}
@@ -175,7 +181,7 @@ def test_a_batch_that_fails_mid_way_loses_and_doubles_nothing(world, monkeypatch
     for ev in good + [poison]:
         ev["user_id"] = "u0" if ev is not poison else "u0x"
     # All on the one partition of the drill (its users are keyed there by this test).
-    monkeypatch.setattr(ingest, "partition_for", lambda key, n: world.partition)
+    world.one_partition(monkeypatch)
     offsets = world.produce(*good[:3], poison, *good[3:])
     real_add = SourcedDeltas.add
 
@@ -196,6 +202,79 @@ def test_a_batch_that_fails_mid_way_loses_and_doubles_nothing(world, monkeypatch
     world.ingest(redriven)
     world.apply_deltas(start=0)
     assert world.counts() == truth(good + [poison])
+
+
+def test_an_item_batch_that_fails_parks_only_the_bundle_that_fails_alone(world, monkeypatch):
+    """Before the guard, item_stats dropped the whole failed batch: every item in it
+    lost its counts.  Now the other bundles apply, the failing one is parked, and its
+    re-drive after the fix counts once."""
+
+    class BuggyTable(dict):
+        bug = True
+
+        def get(self, key, default=None):
+            if self.bug and key == "poison":
+                raise KeyError("a bug")
+            return super().get(key, default)
+
+    world.item_stats = BuggyTable()
+    monkeypatch.setattr(item_stats, "item_stats", world.item_stats)
+    # Users of their own (no co-engagement pairs naming the poison), all on the drill's
+    # partition; one bundle each.
+    world.one_partition(monkeypatch)
+    events = [like(f"u{n}", f"i{n}", n) for n in range(3)] + [like("u3", "poison", 3)]
+    for ev in events:
+        world.ingest(world.produce(ev))
+    batch = [SimpleNamespace(value=m.value, message=SimpleNamespace(
+        topic="item.deltas", partition=m.partition, offset=i, key=m.key))
+        for i, m in enumerate(world.deltas.sent)]
+    (poisoned,) = [e.message.offset for e in batch if b"poison" in e.value]
+    asyncio.run(agent_errors.guarded("item_stats", item_stats.apply_batch, batch,
+                                     agent_errors.Policy.ONE_BY_ONE))
+    assert world.counts() == truth(events[:3])
+    assert [(offset, reason) for _, reason, offset, _ in world.dead] == [
+        (poisoned, "item_stats failed: KeyError('a bug')")]
+    world.item_stats.bug = False
+    asyncio.run(item_stats.apply_batch([batch[poisoned]]))  # the re-drive, bug fixed
+    asyncio.run(item_stats.apply_batch(batch))              # and the whole batch again
+    assert world.counts() == truth(events)
+
+
+def test_a_bundle_on_another_partition_is_sent_to_its_items_partition(world, monkeypatch):
+    """A re-driven dead letter lands where its key hashes: applied there, its items
+    would get a second record on a partition that does not own them."""
+    monkeypatch.setattr(item_stats, "item_deltas_topic", world.deltas)
+    offsets = world.produce(*EVENTS_10)
+    world.ingest(offsets)
+    bundles = list(world.deltas.sent)
+    elsewhere = min(set(range(settings.partitions)) - {m.partition for m in bundles})
+    world.deltas.sent[:] = [SimpleNamespace(value=m.value, key=m.key, partition=elsewhere)
+                            for m in bundles]
+    world.apply_deltas()
+    assert world.counts() == Counter()                  # nothing applied on the wrong one
+    assert [m.partition for m in world.deltas.sent[len(bundles):]] == [
+        m.partition for m in bundles]
+    world.apply_deltas(start=len(bundles))
+    world.apply_deltas(start=len(bundles))              # delivered twice: counted once
+    assert world.counts() == truth(EVENTS_10)
+
+
+def test_a_failed_publish_keeps_what_it_did_not_send_marked(world, monkeypatch):
+    for name in ("_dirty", "_dirty_authors"):
+        monkeypatch.setattr(item_stats, name, set())
+    monkeypatch.setattr(item_stats, "_dirty_profiles", {})
+    world.ingest(world.produce(like("u0", "i1", 1)))
+    world.apply_deltas()
+    marked = (set(item_stats._dirty_profiles), set(item_stats._dirty))
+    assert marked[0] == {"i1"} and marked[1]
+
+    async def away(**kw):
+        raise ConnectionError("broker away")
+
+    monkeypatch.setattr(item_stats.profiles_topic, "send", away)
+    with pytest.raises(ConnectionError):
+        asyncio.run(item_stats.publish_snapshots(T0 + 2))
+    assert (set(item_stats._dirty_profiles), set(item_stats._dirty)) == marked
 
 
 def test_a_send_that_fails_is_retried_and_counted_once(world, monkeypatch):
