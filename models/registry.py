@@ -405,7 +405,8 @@ def format_detail(record: dict) -> str:
     row("owner", record.get("owner", "-"))
     row("parent", record.get("parent") or "-")
     row("created", _when(record.get("created")))
-    row("why", _why(record) or "-")
+    if _why(record) != (record.get("decision") or {}).get("reason"):
+        row("why", _why(record) or "-")
     if record.get("hold"):
         hold = record["hold"]
         row("hold", f"since {_when(hold.get('since'))} by {hold.get('by', '-')}: "

@@ -167,29 +167,65 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _one_model(records: list[dict], model) -> str:
+    """The model an action names, or the only one in the registry."""
+    if model:
+        if not any(r["model"] == model for r in records):
+            raise RuntimeError(f"no model {model!r} in the registry")
+        return model
+    models = sorted({r["model"] for r in records})
+    if len(models) != 1:
+        raise RuntimeError("name the model with --model (registry has: "
+                           f"{', '.join(models) or 'none'})")
+    return models[0]
+
+
+def _one_version(records: list[dict], model, version: str) -> dict:
+    match = [r for r in records if r["version"] == version and (model is None or r["model"] == model)]
+    if not match:
+        raise RuntimeError(f"no version {version!r}" + (f" of {model!r}" if model else "")
+                           + " in the registry")
+    if len(match) > 1:
+        raise RuntimeError(f"version {version!r} exists for several models "
+                           f"({', '.join(r['model'] for r in match)}): name one with --model")
+    return match[0]
+
+
 def cmd_models(args) -> int:
+    from models import registry
     from stores import model_store
     bootstrap = args.bootstrap or _settings().bootstrap
-    records = sorted(model_store.read_registry(bootstrap).values(), key=lambda r: r["version"])
+    records = list(model_store.read_registry(bootstrap).values())
+    needs_version = ("promote", "retire")
+    if args.action in needs_version and not args.version:
+        print(f"streamrec models {args.action}: --version is required", file=sys.stderr)
+        return 2
     if args.action == "list":
-        for r in records:
-            lineage = r.get("lineage", {})
-            print(f"{r['model']:8s} {r['version']:24s} {r['state']:10s} {r.get('tier', '-'):6s} "
-                  f"parent={r.get('parent') or '-':24s} examples={lineage.get('examples_seen', 0)} "
-                  f"owner={r.get('owner', '-')}")
-            if r.get("decision"):
-                promoted = "; promoted by an operator" if r.get("promoted") else ""
-                print(f"{'':34s}gate: {r['decision']['reason']}{promoted}")
+        chosen = registry.filter_records(records, model=args.model, tier=args.tier,
+                                         state=args.state)
+        print(json.dumps(chosen, indent=2) if args.json else registry.format_table(chosen))
+        return 0
+    if args.action == "show":
+        if args.version:
+            record = _one_version(records, args.model, args.version)
+            print(json.dumps(record, indent=2) if args.json else registry.format_detail(record))
+            return 0
+        chosen = registry.filter_records(records, model=_one_model(records, args.model),
+                                         tier=args.tier, state=args.state)
+        print(json.dumps(chosen, indent=2) if args.json else registry.format_table(chosen))
         return 0
     if args.action == "rollback":
-        gone, back = model_store.rollback(bootstrap, args.model)
-        print(f"{gone['model']} {gone['version']} rolled back; serving {back['version']}")
+        gone, back = model_store.rollback(bootstrap, _one_model(records, args.model))
+        result = {"rolled_back": gone, "live": back}
+        message = (f"{gone['model']} {gone['version']} rolled back; serving {back['version']}, "
+                   f"held: the trainer registers new versions until one is promoted")
     elif args.action == "promote":
-        match = [r for r in records if r["version"] == args.version]
-        if not match:
-            raise RuntimeError(f"no version {args.version!r} in the registry")
-        new = model_store.promote(bootstrap, match[0])
-        print(f"{new['model']} {new['version']} is live")
+        new = model_store.promote(bootstrap, _one_version(records, args.model, args.version))
+        result, message = new, f"{new['model']} {new['version']} is live ({new['reason']})"
+    else:  # retire
+        new = model_store.retire(bootstrap, _one_version(records, args.model, args.version))
+        result, message = new, f"{new['model']} {new['version']} is retired"
+    print(json.dumps(result, indent=2) if args.json else message)
     return 0
 
 
@@ -279,10 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-q", "--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 
-    md = sub.add_parser("models", help="the model registry: list, promote, rollback")
-    md.add_argument("action", choices=["list", "promote", "rollback"])
-    md.add_argument("--version", help="with promote: the version to make live")
-    md.add_argument("--model", default="ranker", help="with rollback: the model to roll back")
+    md = sub.add_parser("models", help="the model registry: list, show, promote, rollback, "
+                                        "retire")
+    md.add_argument("action", choices=["list", "show", "promote", "rollback", "retire"],
+                    help="list: versions as a table; show: a model's versions, or with "
+                         "--version one version in full; promote: make --version live (clears "
+                         "a rollback's hold); rollback: back to the version live before, held "
+                         "until a promote; retire: take --version out of use")
+    md.add_argument("--version", help="the version to show, promote or retire")
+    md.add_argument("--model", help="only this model (needed when the registry has several)")
+    md.add_argument("--tier", help="only this tier (TIER0 most critical .. TIER4)")
+    md.add_argument("--state", help="only this state (registered, shadow, canary, live or "
+                                    "production, retired, rolled_back)")
+    md.add_argument("--json", action="store_true", help="records as JSON")
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)
 
