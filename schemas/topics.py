@@ -36,6 +36,9 @@ ALERTS = "alerts"
 TRAINING_EXAMPLES = "training.examples"
 STATS = "cluster.stats"
 
+#: Topics no module reads: operators read them (kcat, any consumer, alerting).
+FOR_OPERATORS = (STABILITY, ALERTS)
+
 HOUR_MS = 3600 * 1000
 DAY_MS = 24 * HOUR_MS
 
@@ -84,20 +87,26 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
         TopicSpec(EVENTS, p, "user_id", "EngagementEvent | [EngagementEvent] (JSON)", 7 * DAY_MS,
                   writers=("streams.producer: EventProducer (streamrec produce, replay, demo, "
                            "simulate; the benches)",
-                           "streams.ingest: ingest agent, re-routing an event to its user's partition"),
+                           "streams.ingest: ingest agent, re-routing an event to its user's partition",
+                           "streams.deadletters: streamrec deadletters redrive, parked events "
+                           "back"),
                   readers=("streams.ingest: ingest agent (validate, dedupe, fold into user state)",
                            "streams.pregen: streamrec pregen (every retained event)",
                            "bench.ingest: the ingest bench's raw consumer")),
         TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS,
-                  writers=("streams.deadletters: ingest and item_stats agents, "
-                           "for records they cannot use",),
-                  readers=("streams.cluster_stats: FlowSensor, counting reasons as they are "
-                           "sent (no consumer)",)),
+                  writers=("streams.deadletters: send_dead_letter, for what the ingest, "
+                           "item_stats and serving agents cannot use (streams.agent_errors: "
+                           "messages that fail alone)",),
+                  readers=("streams.deadletters: streamrec deadletters redrive (read_records)",
+                           "streams.cluster_stats: FlowSensor, counting reasons as they are "
+                           "sent (no consumer)")),
         TopicSpec(REQUESTS, p, "user_id", "RecommendationRequest (JSON)", HOUR_MS,
                   writers=("streams.client: RecommendationClient (streamrec recommend, demo, "
                            "simulate; bench/serve.py)",
                            "streams.serving: serving agent, re-routing a request to its user's "
-                           "partition"),
+                           "partition",
+                           "streams.deadletters: streamrec deadletters redrive, parked requests "
+                           "back"),
                   readers=("streams.serving: serving agent (the funnel)",)),
         TopicSpec(REPLIES, p, "request_id", "RecommendationReply (JSON)", HOUR_MS,
                   writers=("streams.serving: serving agent, to the partition the client chose",),
@@ -108,7 +117,9 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                   DAY_MS,
                   writers=("streams.ingest: ingest agent, one bundle per item partition",
                            "streams.item_stats: item_stats agent, re-routing a bundle to its "
-                           "items' partition"),
+                           "items' partition",
+                           "streams.deadletters: streamrec deadletters redrive, parked bundles "
+                           "back"),
                   readers=("streams.item_stats: item_stats agent",)),
         TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
                   compact=True, writers=("streams.item_stats: item_stats agent",),

@@ -16,11 +16,14 @@ from typing import Optional
 import orjson
 
 from schemas.deadletter import dead_letter, element_of, latest_records, original_bytes
-from schemas.topics import EVENTS_DLQ
+from schemas.topics import EVENTS, EVENTS_DLQ, ITEM_DELTAS, REQUESTS
 from streams import metrics
 
 log = logging.getLogger(__name__)
 _dlq_topic = None
+#: Where dead letters come from, so the only topics :func:`redrive` sends to: events
+#: (ingest), item bundles (item_stats) and requests (serving).
+SOURCE_TOPICS = (EVENTS, ITEM_DELTAS, REQUESTS)
 
 
 async def send_dead_letter(raw, reason: str, msg, index=None) -> None:
@@ -76,7 +79,8 @@ def redrive(bootstrap: str, reason_contains: str = "", dry_run: bool = False) ->
 
     One send per refused message or element (records written twice count once);
     a record that holds only an excerpt is re-driven from its source offset when
-    the topic still has it, and reported as unrecoverable otherwise.
+    the topic still has it, and reported as unrecoverable otherwise, as is one
+    naming a source topic no agent dead-letters from.
     """
     from streams.producer import EventProducer
     chosen = [r for r in latest_records(read_records(bootstrap))
@@ -86,6 +90,9 @@ def redrive(bootstrap: str, reason_contains: str = "", dry_run: bool = False) ->
     producers: dict[str, EventProducer] = {}
     try:
         for record in chosen:
+            if record.get("source_topic") not in SOURCE_TOPICS:
+                summary["unrecoverable"] += 1
+                continue
             payload = original_bytes(record)
             if payload is None:
                 payload = fetch_original(bootstrap, record)

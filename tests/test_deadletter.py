@@ -84,11 +84,9 @@ def test_records_from_before_excerpts_still_read():
     assert original_bytes(old) == b"abc" and len(latest_records([old, old])) == 1
 
 
-def test_redrive_sends_each_recoverable_original_once(monkeypatch):
-    parked = [dead_letter(b'{"a": 1}', "ingest failed: KeyError", "events", 1, 3, key=b"u1"),
-              dead_letter(b'{"a": 1}', "ingest failed: KeyError", "events", 1, 3, key=b"u1"),
-              dead_letter(b"x" * 10_000, "ingest failed: KeyError", "events", 1, 4),
-              dead_letter(b"{", "not valid JSON", "events", 1, 5)]
+def redrive_from(parked: list, monkeypatch) -> list:
+    """Make ``parked`` the dead-letter topic (sources no longer retained); returns the
+    list each re-driven (topic, key, value) is appended to."""
     sent = []
 
     class Producer:
@@ -104,7 +102,27 @@ def test_redrive_sends_each_recoverable_original_once(monkeypatch):
     monkeypatch.setattr(deadletters, "read_records", lambda bootstrap: parked)
     monkeypatch.setattr(deadletters, "fetch_original", lambda bootstrap, record: None)
     monkeypatch.setattr("streams.producer.EventProducer", Producer)
+    return sent
+
+
+def test_redrive_sends_each_recoverable_original_once(monkeypatch):
+    parked = [dead_letter(b'{"a": 1}', "ingest failed: KeyError", "events", 1, 3, key=b"u1"),
+              dead_letter(b'{"a": 1}', "ingest failed: KeyError", "events", 1, 3, key=b"u1"),
+              dead_letter(b"x" * 10_000, "ingest failed: KeyError", "events", 1, 4),
+              dead_letter(b"{", "not valid JSON", "events", 1, 5)]
+    sent = redrive_from(parked, monkeypatch)
     dry = deadletters.redrive("unused:0", reason_contains="ingest failed", dry_run=True)
     assert (dry["records"], dry["redriven"], dry["unrecoverable"], sent) == (2, 1, 1, [])
     done = deadletters.redrive("unused:0", reason_contains="ingest failed")
     assert done["redriven"] == 1 and sent == [("events", b"u1", b'{"a": 1}')]
+
+
+def test_redrive_sends_only_to_topics_agents_dead_letter_from(monkeypatch):
+    parked = [dead_letter(b'{"a": 1}', "ingest failed: KeyError", "events", 0, 1, key=b"u1"),
+              dead_letter(b'{"b": 2}', "item_stats failed: KeyError", "item.deltas", 2, 7,
+                          key=b"items-p2"),
+              dead_letter(b'{"c": 3}', "ingest failed: KeyError", "somebody.elses", 0, 1)]
+    sent = redrive_from(parked, monkeypatch)
+    done = deadletters.redrive("unused:0")
+    assert (done["redriven"], done["unrecoverable"]) == (2, 1)
+    assert [topic for topic, _, _ in sent] == ["events", "item.deltas"]

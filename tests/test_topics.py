@@ -64,17 +64,45 @@ def test_every_topic_has_a_writer():
     assert [t.name for t in catalogue() if not t.writers] == []
 
 
+def test_every_topic_has_a_reader_unless_it_is_for_operators():
+    """A topic nobody reads is either for operators, named so, or a mistake."""
+    unread = [t.name for t in catalogue() if not t.readers]
+    assert unread == list(topics.FOR_OPERATORS)
+
+
+def mentions(text: str, spec) -> bool:
+    """The module refers to the topic: its constant as a whole word (EVENTS, not
+    EVENTS_DLQ), or for a changelog its table's name."""
+    table = CHANGELOG.match(spec.name)
+    word = table.group(1) if table else CONSTANTS[spec.name]
+    return re.search(rf"\b{re.escape(word)}\b", text) is not None
+
+
 @pytest.mark.parametrize("spec", catalogue(app_id=APP_ID), ids=lambda t: t.name)
 def test_each_named_writer_and_reader_exists_and_uses_the_topic(spec):
-    """The module a map entry names refers to the topic: its constant, its name,
-    or for a changelog its table's name."""
-    table = CHANGELOG.match(spec.name)
-    marks = [table.group(1)] if table else [CONSTANTS[spec.name], f'"{spec.name}"']
     for entry in spec.writers + spec.readers:
         path = module_path(entry)
         assert path.is_file(), entry
         assert ":" in entry and entry.split(":", 1)[1].strip(), f"no role in {entry!r}"
-        assert any(m in path.read_text() for m in marks), f"{path.name} never uses {spec.name}"
+        assert mentions(path.read_text(), spec), f"{path.name} never uses {spec.name}"
+
+
+def test_the_mention_check_tells_a_constant_from_a_longer_one():
+    events = next(t for t in catalogue() if t.name == topics.EVENTS)
+    assert not mentions("from schemas.topics import EVENTS_DLQ", events)
+    assert mentions("from schemas.topics import EVENTS, EVENTS_DLQ", events)
+
+
+def test_redrive_is_on_the_map_as_the_dead_letters_reader_and_their_sources_writer():
+    """streamrec deadletters redrive reads events.dlq and sends each original back to
+    the topic it came from: every topic an agent dead-letters from."""
+    from streams.deadletters import SOURCE_TOPICS
+    roles = {t.name: ([e for e in t.writers if e.startswith("streams.deadletters:")],
+                      [e for e in t.readers if e.startswith("streams.deadletters:")])
+             for t in catalogue()}
+    assert "redrive" in roles[topics.EVENTS_DLQ][1][0]
+    assert {name for name, (writes, _) in roles.items()
+            if any("redrive" in e for e in writes)} == set(SOURCE_TOPICS)
 
 
 def topic_users() -> dict[str, set[str]]:
