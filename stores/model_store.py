@@ -25,6 +25,7 @@ import torch
 
 from models.registry import (LIVE, RETIRED, ROLLED_BACK, hold_for_rollback, moved, release,
                              validate_record)
+from streams.kafka_config import client_config
 
 CHUNK_BYTES = 900_000
 
@@ -119,8 +120,7 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
     if (record["model"], record["version"]) != (model, version):
         raise ValueError(f"registry record {record['model']}/{record['version']} published as "
                          f"{model}/{version}")
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "linger.ms": 5})
+    producer = Producer(client_config(bootstrap, {"enable.idempotence": True, "linger.ms": 5}))
     parts = split(blob)
     for n, part in enumerate(parts):
         producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/part-{n:04d}".encode(), value=part)
@@ -326,7 +326,7 @@ def set_state(bootstrap: str, record: dict, state: str, *, by: str = "operator",
 
     from schemas.topics import MODEL_REGISTRY
     new = moved(record, state, by=by, reason=reason, **changes)
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(client_config(bootstrap))
     producer.produce(MODEL_REGISTRY, key=f"{record['model']}/{record['version']}".encode(),
                      value=orjson.dumps(new))
     if producer.flush(10):

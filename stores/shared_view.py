@@ -30,6 +30,7 @@ from models.trending import merge_snapshots
 from schemas.topics import (AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, MODEL_REGISTRY, MODEL_WEIGHTS,
                             PREGEN, TRENDING_SNAPSHOTS)
 from stores.model_store import WeightAssembler, live_since, trainer_from_bytes
+from streams.kafka_config import client_config
 
 log = logging.getLogger(__name__)
 SHARED_TOPICS = (TRENDING_SNAPSHOTS, ITEM_PROFILES, AUTHOR_ITEMS, PREGEN, CONFIG, MODEL_WEIGHTS,
@@ -335,12 +336,11 @@ class SharedItemView:
                 self._manifests.pop(old, None)
 
     def _run(self) -> None:
-        consumer = Consumer({
-            "bootstrap.servers": self.bootstrap,
+        consumer = Consumer(client_config(self.bootstrap, {
             "group.id": "streamrec-shared-view",  # required by the client; never committed
             "enable.auto.commit": False,
             "fetch.wait.max.ms": 50,  # freshness of shared state is ~0.5 s anyway
-        })
+        }))
         try:
             assignment, high = [], {}
             meta = consumer.list_topics(timeout=10)

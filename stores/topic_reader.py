@@ -10,6 +10,8 @@ from typing import Iterator, Optional
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
+from streams.kafka_config import client_config
+
 
 def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
                 timeout: Optional[float] = None) -> Iterator:
@@ -19,8 +21,8 @@ def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
     ``timeout``: seconds after which an unfinished read raises :class:`TimeoutError`
     (the messages yielded so far stand); None waits as long as it takes.
     """
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-reader",
-                         "enable.auto.commit": False})
+    consumer = Consumer(client_config(bootstrap, {"group.id": "streamrec-reader",
+                                               "enable.auto.commit": False}))
     try:
         meta = consumer.list_topics(topic, timeout=10).topics[topic]
         if meta.error is not None:

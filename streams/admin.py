@@ -7,6 +7,7 @@ from typing import Optional
 from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic
 
 from schemas.topics import TopicSpec
+from streams.kafka_config import client_config
 
 
 class TopicMismatch(RuntimeError):
@@ -45,7 +46,7 @@ def create_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0,
     if min_insync_replicas is None:
         min_insync_replicas = settings.min_insync_replicas or None
     replicated = replication_config(replication_factor, min_insync_replicas)
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
     created, present = [], []
     for spec in specs:
@@ -72,7 +73,7 @@ def create_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0,
 
 
 def delete_topics(bootstrap: str, names: list[str], timeout: float = 30.0) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
     futures = admin.delete_topics([n for n in names if n in existing], operation_timeout=timeout)
     for fut in futures.values():
@@ -82,7 +83,7 @@ def delete_topics(bootstrap: str, names: list[str], timeout: float = 30.0) -> No
 def min_session_timeout_s(bootstrap: str, timeout: float = 10.0) -> Optional[float]:
     """The broker's ``group.min.session.timeout.ms`` in seconds (a consumer asking for a
     shorter session is refused), or None when it cannot be read (e.g. not allowed)."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     try:
         broker_id = next(iter(admin.list_topics(timeout=timeout).brokers))
         resource = ConfigResource(ConfigResource.Type.BROKER, str(broker_id))

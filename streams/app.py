@@ -8,6 +8,7 @@ of partition counts and retention.
 from __future__ import annotations
 
 from schemas import codec
+from streams.kafka_config import faust_credentials
 from streams.settings import settings
 from streams.tuning import StreamrecApp
 
@@ -16,6 +17,8 @@ codec.register()
 app = StreamrecApp(
     settings.app_id,
     broker=f"kafka://{settings.bootstrap}",
+    # TLS and SASL/SCRAM from STREAMREC_SECURITY_PROTOCOL & co (streams/kafka_config.py).
+    broker_credentials=faust_credentials(),
     store="rocksdb://",
     datadir=str(settings.data_dir),
     web_port=settings.web_port,

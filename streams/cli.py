@@ -44,11 +44,12 @@ def cmd_topics(args) -> int:
 def cmd_worker(args) -> int:
     import dataclasses
     from confluent_kafka.admin import AdminClient
+    from streams.kafka_config import client_config
     import streams.settings
     s = _settings()
     # Local RocksDB state belongs to one Kafka cluster: a wiped or different broker
     # must not meet offsets persisted for another one, so key the dir by cluster id.
-    cluster = AdminClient({"bootstrap.servers": s.bootstrap}).list_topics(timeout=15).cluster_id
+    cluster = AdminClient(client_config(s.bootstrap)).list_topics(timeout=15).cluster_id
     data_dir = s.data_dir / f"cluster-{cluster}" / s.app_id
     data_dir.mkdir(parents=True, exist_ok=True)
     s = dataclasses.replace(s, data_dir=data_dir)

@@ -29,6 +29,7 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 
 from schemas.requests import RecommendationReply, RecommendationRequest, decode_reply
 from schemas.topics import REPLIES, REQUESTS
+from streams.kafka_config import client_config
 
 
 class RecommendationTimeout(TimeoutError):
@@ -122,11 +123,11 @@ class PendingReplies:
 class RecommendationClient:
     def __init__(self, bootstrap: str, *, reply_partition: Optional[int] = None,
                  fetch_wait_ms: int = 2):
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0,
-                                   "partitioner": "murmur2_random", "acks": 1})
-        self._consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": "streamrec-client",
+        self._producer = Producer(client_config(bootstrap, {"linger.ms": 0,
+                                   "partitioner": "murmur2_random", "acks": 1}))
+        self._consumer = Consumer(client_config(bootstrap, {"group.id": "streamrec-client",
                                    "enable.auto.commit": False,
-                                   "fetch.wait.max.ms": fetch_wait_ms})
+                                   "fetch.wait.max.ms": fetch_wait_ms}))
         partitions = self._consumer.list_topics(REPLIES, timeout=10).topics[REPLIES].partitions
         if not partitions:
             raise RuntimeError(f"topic {REPLIES!r} does not exist: run 'streamrec topics create'")

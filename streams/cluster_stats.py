@@ -27,6 +27,7 @@ from typing import Optional
 import orjson
 
 from streams import metrics
+from streams.kafka_config import client_config
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +307,8 @@ class ClusterView:
 
     def _run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": "streamrec-cluster-view",
-                             "enable.auto.commit": False, "fetch.wait.max.ms": 100})
+        consumer = Consumer(client_config(self.bootstrap, {"group.id": "streamrec-cluster-view",
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 100}))
         try:
             parts = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
@@ -507,7 +508,7 @@ async def poll_group_lag() -> None:
     import asyncio
     from confluent_kafka.admin import AdminClient
     if "admin" not in _group_lag:
-        _group_lag["admin"] = AdminClient({"bootstrap.servers": settings.bootstrap})
+        _group_lag["admin"] = AdminClient(client_config(settings.bootstrap))
     try:
         lag = await asyncio.get_running_loop().run_in_executor(
             None, broker_group_lag, _group_lag["admin"])

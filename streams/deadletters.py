@@ -60,8 +60,9 @@ def read_records(bootstrap: str, timeout: float = 60.0) -> list[dict]:
 def fetch_original(bootstrap: str, record: dict) -> Optional[bytes]:
     """The refused message (or element) from its source topic, if still retained."""
     from confluent_kafka import Consumer, TopicPartition
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"redrive-{uuid.uuid4().hex}",
-                         "enable.auto.commit": False})
+    from streams.kafka_config import client_config
+    consumer = Consumer(client_config(bootstrap, {"group.id": f"redrive-{uuid.uuid4().hex}",
+                                                  "enable.auto.commit": False}))
     try:
         consumer.assign([TopicPartition(record["source_topic"], record["source_partition"],
                                         record["source_offset"])])

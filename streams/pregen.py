@@ -20,6 +20,7 @@ from models.pregen import item_embeddings, popular
 from schemas.events import SchemaError, parse_events
 from schemas.topics import EVENTS, PREGEN
 from stores.topic_reader import read_to_end
+from streams.kafka_config import client_config
 
 #: Bytes a chunk of embeddings may take as JSON: under the broker's 1 MB default.
 CHUNK_BYTES = 600_000
@@ -68,8 +69,8 @@ def previous_keys(bootstrap: str) -> list[bytes]:
 def publish(bootstrap: str, parts: dict[str, dict], meta: dict) -> str:
     version = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     old = previous_keys(bootstrap)
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
-                         "compression.type": "lz4"})
+    producer = Producer(client_config(bootstrap, {"enable.idempotence": True,
+                                                   "compression.type": "lz4"}))
     for name_key, value in parts.items():
         producer.produce(PREGEN, key=f"{version}/{name_key}".encode(),
                          value=orjson.dumps({**value, "version": version}))
@@ -108,7 +109,7 @@ def set_funnel_config(bootstrap: str, surface: str, config: dict | None) -> None
         from models.funnel import FunnelConfig
         FunnelConfig.from_dict(config)  # refuse a bad config here, not in every worker
     from schemas.topics import CONFIG
-    producer = Producer({"bootstrap.servers": bootstrap})
+    producer = Producer(client_config(bootstrap))
     producer.produce(CONFIG, key=surface.encode(),
                      value=None if config is None else orjson.dumps(config))
     if producer.flush(10):

@@ -17,6 +17,7 @@ from confluent_kafka import KafkaException, Producer
 
 from schemas.events import EngagementEvent, parse_event
 from schemas.topics import EVENTS
+from streams.kafka_config import client_config
 
 PRODUCER_DEFAULTS = {
     "enable.idempotence": True,
@@ -48,7 +49,7 @@ class EventProducer:
 
     def __init__(self, bootstrap: str, topic: str = EVENTS, **config):
         self.topic = topic
-        self._producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **config})
+        self._producer = Producer(client_config(bootstrap, {**PRODUCER_DEFAULTS, **config}))
         self.sent = 0
         self.delivered = 0
         self.failed = 0
@@ -110,7 +111,7 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> None:
     """Raise a clear error if no broker answers at ``bootstrap``."""
     from confluent_kafka.admin import AdminClient
     try:
-        AdminClient({"bootstrap.servers": bootstrap}).list_topics(timeout=timeout)
+        AdminClient(client_config(bootstrap)).list_topics(timeout=timeout)
     except KafkaException as exc:
         raise ConnectionError(
             f"no Kafka broker answers at {bootstrap} ({exc}); start one with "
