@@ -9,9 +9,11 @@ rebuild, not reused).
 Scores are similarities, higher is nearer: the inner product for ``"ip"``,
 the cosine for ``"cosine"`` and minus the *squared* L2 distance for ``"l2"``.
 
-The index is a cache.  It can always be rebuilt from the item embeddings, so
-it is never the only copy of anything; :meth:`AnnIndex.save` exists to make
-restarts fast, and a missing or corrupt save is a reason to rebuild.
+The index is a cache, never the only copy of anything: every worker builds it
+from the item embeddings (a pre-generated batch, or the live item tower) when
+they arrive, so nothing is saved.  It is locked (:class:`RWLock`) because the
+shared view's thread upserts the live tower index in place while serving
+queries it on the event loop (``stores/shared_view.py``).
 
 >>> import numpy as np
 >>> index = AnnIndex(dim=2)
@@ -26,53 +28,29 @@ restarts fast, and a missing or corrupt save is a reason to rebuild.
 """
 from __future__ import annotations
 
-import json
-import os
 import threading
-import uuid
-import zlib
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Collection, Iterator, Mapping, Optional, Sequence
+from typing import Collection, Iterator, Optional, Sequence
 
 import hnswlib
 import numpy as np
 
 SPACES = ("ip", "cosine", "l2")
-SIDECAR = "ann.json"
-FORMAT_VERSION = 1
 
 # hnswlib >= 0.7 takes a per-query ``filter`` callable; older builds do not.
 HAS_FILTER = "filter" in (hnswlib.Index.knn_query.__doc__ or "")
-
-
-class CorruptIndexError(ValueError):
-    """A saved index exists but cannot be trusted; rebuild it from the embeddings."""
 
 
 # --------------------------------------------------------------------------
 # configuration
 # --------------------------------------------------------------------------
 
-def _env_int(environ: Mapping[str, str], name: str, default: int) -> int:
-    raw = environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer") from None
-    if value <= 0:
-        raise ValueError(f"{name}={raw!r} must be positive")
-    return value
-
-
 @dataclass(frozen=True)
 class AnnConfig:
     """What an :class:`AnnIndex` is built with.
 
-    >>> AnnConfig.from_env(32, environ={"STREAMREC_ANN_EF": "128"})
+    >>> AnnConfig(32, ef=128)
     AnnConfig(dim=32, space='ip', M=16, ef_construction=200, ef=128, max_elements=1024)
     """
 
@@ -92,17 +70,6 @@ class AnnConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-
-    @classmethod
-    def from_env(cls, dim: int, space: str = "ip", max_elements: int = 1024,
-                 environ: Optional[Mapping[str, str]] = None) -> "AnnConfig":
-        """Read ``STREAMREC_ANN_M``, ``STREAMREC_ANN_EF``, ``STREAMREC_ANN_EF_CONSTRUCTION``."""
-        env = os.environ if environ is None else environ
-        return cls(dim=dim, space=space, max_elements=max_elements,
-                   M=_env_int(env, "STREAMREC_ANN_M", cls.M),
-                   ef=_env_int(env, "STREAMREC_ANN_EF", cls.ef),
-                   ef_construction=_env_int(env, "STREAMREC_ANN_EF_CONSTRUCTION",
-                                            cls.ef_construction))
 
 
 # --------------------------------------------------------------------------
@@ -166,7 +133,7 @@ class RWLock:
 # --------------------------------------------------------------------------
 
 class AnnIndex:
-    """String-keyed hnswlib index with upsert, delete, exclusions and save/load.
+    """String-keyed hnswlib index with upsert, delete and exclusions.
 
     Safe to query from many threads while another upserts or deletes.
     ``upsert(..., num_threads=n)`` builds with n hnswlib threads; queries
@@ -189,28 +156,18 @@ class AnnIndex:
                            max_elements=max_elements)
         index = hnswlib.Index(space=space, dim=dim)
         index.init_index(max_elements=max_elements, M=M, ef_construction=ef_construction)
-        self._setup(config, index, labels={}, deleted=set(), next_label=0)
-
-    @classmethod
-    def from_config(cls, config: AnnConfig) -> "AnnIndex":
-        return cls(config.dim, space=config.space, max_elements=config.max_elements,
-                   M=config.M, ef_construction=config.ef_construction, ef=config.ef)
-
-    def _setup(self, config: AnnConfig, index: "hnswlib.Index", labels: dict[str, int],
-               deleted: set[int], next_label: int) -> None:
-        index.set_ef(config.ef)
+        index.set_ef(ef)
         index.set_num_threads(1)
         self.config = config
         self._index = index
-        self._labels = labels                                   # item id -> label
-        self._ids = {label: item for item, label in labels.items()}  # label -> item id
-        self._deleted = deleted                                 # labels marked deleted
-        self._next_label = next_label
+        self._labels: dict[str, int] = {}   # item id -> label
+        self._ids: dict[int, str] = {}      # label -> item id
+        self._deleted: set[int] = set()     # labels marked deleted
+        self._next_label = 0
         # hnswlib lets add_items and knn_query run concurrently, but resize_index
         # reallocates the vectors and graph under running searches (use after
         # free), and our id maps are plain dicts: so writers go alone.
         self._lock = RWLock()
-        self._save_lock = threading.Lock()  # one save at a time per index
 
     # -- inspection ------------------------------------------------------
     def __len__(self) -> int:
@@ -424,100 +381,3 @@ class AnnIndex:
             scores = stored @ q
         order = np.argsort(-scores, kind="stable")[:want]
         return [(self._ids[labels[i]], float(scores[i])) for i in order]
-
-    # -- persistence -----------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> None:
-        """Write the index and its JSON sidecar into ``directory`` atomically.
-
-        The hnswlib file gets a fresh name; the sidecar naming it replaces the
-        old one in a single ``os.replace``, so a crash leaves the old save or
-        the new one, never a mix.  Writers wait while saving; queries do not.
-        """
-        folder = Path(directory)
-        folder.mkdir(parents=True, exist_ok=True)
-        with self._save_lock, self._lock.read():
-            name = f"index-{uuid.uuid4().hex}.bin"
-            tmp = folder / (name + ".tmp")
-            self._index.save_index(str(tmp))
-            _fsync(tmp)
-            os.replace(tmp, folder / name)
-            size, crc = _size_and_crc(folder / name)
-            meta = {
-                "format": FORMAT_VERSION,
-                "config": asdict(self.config),
-                "capacity": self._index.get_max_elements(),
-                "index_file": name,
-                "index_bytes": size,
-                "index_crc32": crc,
-                "labels": self._labels,
-                "deleted": sorted(self._deleted),
-                "next_label": self._next_label,
-            }
-            side_tmp = folder / (SIDECAR + f".{uuid.uuid4().hex}.tmp")
-            side_tmp.write_text(json.dumps(meta))
-            _fsync(side_tmp)
-            os.replace(side_tmp, folder / SIDECAR)  # the commit point
-            _fsync(folder)
-            for old in folder.glob("index-*.bin*"):
-                if old.name != name:
-                    old.unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, directory: str | os.PathLike) -> "AnnIndex":
-        """Restore a :meth:`save`; FileNotFoundError or CorruptIndexError means rebuild."""
-        folder = Path(directory)
-        side = folder / SIDECAR
-        if not side.is_file():
-            raise FileNotFoundError(f"no saved ANN index in {folder} (missing {SIDECAR}); "
-                                    "rebuild it from the item embeddings")
-        try:
-            meta = json.loads(side.read_text())
-            if meta.get("format") != FORMAT_VERSION:
-                raise ValueError(f"unsupported format {meta.get('format')!r}")
-            config = AnnConfig(**meta["config"])
-            name = meta["index_file"]
-            if not isinstance(name, str) or Path(name).name != name:
-                raise ValueError(f"bad index file name {name!r}")
-            labels = {str(item): int(label) for item, label in meta["labels"].items()}
-            deleted = {int(label) for label in meta["deleted"]}
-            next_label = int(meta["next_label"])
-            capacity = int(meta["capacity"])
-            expected = (int(meta["index_bytes"]), int(meta["index_crc32"]))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise CorruptIndexError(f"unreadable ANN sidecar {side}: {exc}") from exc
-        used = set(labels.values())
-        if (len(used) != len(labels) or not deleted <= used
-                or any(label >= next_label for label in used)):
-            raise CorruptIndexError(f"inconsistent ANN sidecar {side}")
-        path = folder / name
-        if not path.is_file():
-            raise CorruptIndexError(f"ANN sidecar {side} names {name}, which is missing")
-        # Check before hnswlib reads it: a truncated file can crash the process.
-        if _size_and_crc(path) != expected:
-            raise CorruptIndexError(f"ANN index file {path} does not match its sidecar "
-                                    "(size or checksum)")
-        index = hnswlib.Index(space=config.space, dim=config.dim)
-        try:
-            index.load_index(str(path), max_elements=capacity)
-        except RuntimeError as exc:
-            raise CorruptIndexError(f"hnswlib cannot load {path}: {exc}") from exc
-        self = cls.__new__(cls)
-        self._setup(config, index, labels=labels, deleted=deleted, next_label=next_label)
-        return self
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _size_and_crc(path: Path) -> tuple[int, int]:
-    size, crc = 0, 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            size += len(chunk)
-            crc = zlib.crc32(chunk, crc)
-    return size, crc

@@ -1,14 +1,13 @@
 """The ANN index store against real hnswlib, on small seeded random data."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import numpy as np
 import pytest
 
-from stores.ann import AnnConfig, AnnIndex, CorruptIndexError
+from stores.ann import AnnConfig, AnnIndex
 
 
 def unit(rng, n, dim=32):
@@ -140,40 +139,6 @@ def test_exclude_few_and_many(filled):
         index.query(vectors[3], 10, exclude="i9")
 
 
-# -- persistence -----------------------------------------------------------
-
-def test_save_load_round_trip(filled, tmp_path, rng):
-    index, vectors = filled
-    index.delete("i5")
-    index.save(tmp_path)
-    index.save(tmp_path)  # a second save replaces the first
-    assert len(list(tmp_path.glob("index-*.bin"))) == 1
-    loaded = AnnIndex.load(tmp_path)
-    assert loaded.config == index.config and len(loaded) == 499
-    for q in unit(rng, 20):
-        assert loaded.query(q, 10, exclude=["i1"]) == index.query(q, 10, exclude=["i1"])
-    assert "i5" not in loaded and loaded.label("i9") == index.label("i9")
-    loaded.upsert(["later"], unit(rng, 1))
-    assert loaded.label("later") == 500
-
-
-def test_load_missing_or_corrupt(filled, tmp_path):
-    with pytest.raises(FileNotFoundError, match="rebuild"):
-        AnnIndex.load(tmp_path / "nowhere")
-    index, _ = filled
-    index.save(tmp_path)
-    (binary,) = tmp_path.glob("index-*.bin")
-    binary.write_bytes(binary.read_bytes()[:1000])
-    with pytest.raises(CorruptIndexError, match="checksum"):
-        AnnIndex.load(tmp_path)
-    (tmp_path / "ann.json").write_text("{not json")
-    with pytest.raises(CorruptIndexError):
-        AnnIndex.load(tmp_path)
-    (tmp_path / "ann.json").write_text(json.dumps({"format": 1}))
-    with pytest.raises(CorruptIndexError):
-        AnnIndex.load(tmp_path)
-
-
 # -- validation ------------------------------------------------------------
 
 def test_errors(filled):
@@ -206,15 +171,12 @@ def test_errors(filled):
     assert len(index) == 500  # nothing above changed it
 
 
-def test_config_from_env():
-    config = AnnConfig.from_env(16, environ={"STREAMREC_ANN_M": "8",
-                                             "STREAMREC_ANN_EF_CONSTRUCTION": "50"})
-    assert (config.M, config.ef_construction, config.ef) == (8, 50, 64)
-    assert AnnIndex.from_config(config).config == config
-    with pytest.raises(ValueError, match="STREAMREC_ANN_EF"):
-        AnnConfig.from_env(16, environ={"STREAMREC_ANN_EF": "lots"})
+def test_config_is_checked():
+    assert AnnIndex(16, M=8, ef_construction=50).config == AnnConfig(16, M=8, ef_construction=50)
     with pytest.raises(ValueError, match="space"):
         AnnIndex(16, space="hamming")
+    with pytest.raises(ValueError, match="ef must be a positive int"):
+        AnnConfig(16, ef=0)
 
 
 # -- concurrency -----------------------------------------------------------
