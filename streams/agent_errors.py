@@ -55,9 +55,11 @@ def describe(events: Sequence) -> str:
     >>> msg = lambda p, o: NS(value=b"", message=NS(topic="events", partition=p, offset=o))
     >>> describe([msg(0, 5), msg(0, 9), msg(2, 1)])
     '3 messages: events/0@5-9, events/2@1'
-    >>> describe([msg(1, 7)])
-    '1 message: events/1@7'
+    >>> describe([msg(1, 7)]), describe([])
+    ('1 message: events/1@7', 'no input message')
     """
+    if not events:
+        return "no input message"  # work of the agent's own, e.g. item_stats' publish
     offsets: dict[str, list[int]] = {}
     for event in events:
         msg = event.message
