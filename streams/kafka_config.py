@@ -33,6 +33,10 @@ class KafkaSecurityError(ValueError):
     """The security settings are incomplete or contradict each other."""
 
 
+class BrokerRefused(ConnectionError):
+    """The broker answered but refused this client: wrong credentials or TLS."""
+
+
 @dataclass(frozen=True)
 class ClientSecurity:
     protocol: str = "PLAINTEXT"
@@ -170,6 +174,29 @@ class ClientSecurity:
                                          ssl_context=self.ssl_context(),
                                          mechanism=self.sasl_mechanism)
         return faust.SSLCredentials(self.ssl_context())
+
+
+def refusal(bootstrap: str, security: ClientSecurity, code: str, detail: str) -> Optional[BrokerRefused]:
+    """The clear error for a librdkafka error that means "refused", else None.
+
+    ``code`` is the error's name (``KafkaError.name()``): _AUTHENTICATION for SASL,
+    _SSL for a TLS handshake that failed (usually the CA or the certificate's name).
+
+    >>> s = ClientSecurity("SASL_SSL", "SCRAM-SHA-512", "ann", "x", "/ca.pem")
+    >>> str(refusal("h:9093", s, "_AUTHENTICATION", "invalid credentials"))
+    'the broker at h:9093 refused SCRAM-SHA-512 user ann: invalid credentials; check STREAMREC_SASL_USERNAME and STREAMREC_SASL_PASSWORD'
+    >>> refusal("h:9093", s, "_TRANSPORT", "connection refused") is None
+    True
+    """
+    if code == "_AUTHENTICATION":
+        return BrokerRefused(f"the broker at {bootstrap} refused {security.sasl_mechanism or 'SASL'} "
+                             f"user {security.sasl_username}: {detail}; check "
+                             f"{PREFIX}SASL_USERNAME and {PREFIX}SASL_PASSWORD")
+    if code == "_SSL":
+        return BrokerRefused(f"TLS to the broker at {bootstrap} failed: {detail}; check "
+                             f"{PREFIX}SSL_CAFILE ({security.ssl_cafile or 'the system CAs'}) "
+                             f"and that the broker's certificate names the host")
+    return None
 
 
 def security_from_env() -> ClientSecurity:

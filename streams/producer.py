@@ -10,6 +10,7 @@ expects (see :func:`schemas.topics.partition_for`).
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, Optional, Union
 
 import orjson
@@ -17,7 +18,7 @@ from confluent_kafka import KafkaException, Producer
 
 from schemas.events import EngagementEvent, parse_event
 from schemas.topics import EVENTS
-from streams.kafka_config import client_config
+from streams.kafka_config import client_config, refusal, security_from_env
 
 PRODUCER_DEFAULTS = {
     "enable.idempotence": True,
@@ -108,11 +109,29 @@ class EventProducer:
 
 
 def check_broker(bootstrap: str, timeout: float = 5.0) -> None:
-    """Raise a clear error if no broker answers at ``bootstrap``."""
+    """Raise a clear error if no broker answers at ``bootstrap`` (ConnectionError) or it
+    refuses this client's credentials or TLS (:class:`streams.kafka_config.BrokerRefused`)."""
     from confluent_kafka.admin import AdminClient
-    try:
-        AdminClient(client_config(bootstrap)).list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise ConnectionError(
-            f"no Kafka broker answers at {bootstrap} ({exc}); start one with "
-            f"'streamrec broker start'") from None
+    security = security_from_env()
+    refused: list = []
+
+    def on_error(err) -> None:
+        why = refusal(bootstrap, security, err.name(), err.str())
+        if why is not None:
+            refused.append(why)
+
+    admin = AdminClient(client_config(bootstrap, {"error_cb": on_error}))
+    deadline = time.monotonic() + timeout
+    while True:
+        # Short tries: a refusal is known within a second; no need to wait out the timeout.
+        try:
+            admin.list_topics(timeout=min(1.0, max(0.1, deadline - time.monotonic())))
+            return
+        except KafkaException as exc:
+            admin.poll(0)  # serves error_cb
+            if refused:
+                raise refused[0] from None
+            if time.monotonic() >= deadline:
+                raise ConnectionError(
+                    f"no Kafka broker answers at {bootstrap} ({exc}); start one with "
+                    f"'streamrec broker start'") from None
