@@ -49,7 +49,7 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import owned
+from streams.ownership import forget_stale_acks, owned
 from streams.settings import settings
 from streams.tables import user_history
 
@@ -82,7 +82,11 @@ async def note_replay_zone(batch) -> None:
         ends = await end_offsets(new)
         for tp in new:
             replay_below[tp] = ends.get(tp) or 0
-            app.logger.info("ingest %s: offsets below %d may be redeliveries", tp, replay_below[tp])
+            # The first offset says where this worker resumed: a gap from the offset
+            # committed before is events nobody will process (the drill looks for it).
+            first = min(e.message.offset for e in batch if e.message.tp == tp)
+            app.logger.info("ingest %s: starts at offset %d; offsets below %d may be "
+                            "redeliveries", tp, first, replay_below[tp])
 
 
 async def end_offsets(tps) -> dict:
@@ -166,6 +170,7 @@ async def plan_batch(batch, now: float) -> BatchPlan:
     # From here to the table writes in commit_tables nothing awaits, and only
     # partitions this worker still owns are read and written (streams/ownership.py).
     mine = await owned(app)
+    metrics.counters["events_fetched_before_rebalance"] += forget_stale_acks(app, batch)
     plan = BatchPlan(deltas=SourcedDeltas(single=single))
     for user, (event, evs) in by_user.items():
         if event.message.tp not in mine:

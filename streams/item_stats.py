@@ -51,7 +51,7 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import owned
+from streams.ownership import forget_stale_acks, owned
 from streams.settings import settings
 from streams.view import view
 
@@ -148,6 +148,7 @@ async def apply_batch(batch) -> None:
     # Nothing awaits from here to the table writes, and only partitions this worker
     # still owns are read and written (streams/ownership.py).
     mine = await owned(app)
+    metrics.counters["item_deltas_fetched_before_rebalance"] += forget_stale_acks(app, batch)
     applied = 0
     for item, (event, deltas) in merged.items():
         if event.message.tp not in mine:

@@ -27,6 +27,14 @@ and it flushes them before another worker restores the table.
 ...             return {("events", 0)}
 >>> asyncio.run(owned(App()))
 {('events', 0)}
+
+Acknowledgements need the same care.  Faust forgets a partition's acked
+offsets when a rebalance revokes it (every partition, with the eager protocol)
+and seeks each partition it gets to the committed offset, so what a batch
+fetched before the rebalance comes again.  An ack that arrives after the
+rebalance lands in the fresh bookkeeping all the same, and can later let a
+commit jump past events this worker skipped or has not processed again yet: a
+kill then loses them.  :func:`forget_stale_acks` makes such acks no-ops.
 """
 from __future__ import annotations
 
@@ -45,3 +53,26 @@ async def owned(app, poll_s: float = POLL_S) -> set:
     while app.rebalancing:
         await asyncio.sleep(poll_s)
     return set(app.consumer.assignment())
+
+
+def forget_stale_acks(app, events) -> int:
+    """Mark the messages of ``events`` fetched before the current consumer generation as
+    acknowledged without telling the consumer: they will be delivered again (redeliveries
+    are idempotent downstream), and their late acks must not advance a commit.  Returns
+    how many.
+
+    >>> from types import SimpleNamespace as NS
+    >>> app = NS(consumer_generation_id=7)
+    >>> old, new = NS(generation_id=6, acked=False), NS(generation_id=7, acked=False)
+    >>> forget_stale_acks(app, [NS(message=old), NS(message=new)]), old.acked, new.acked
+    (1, True, False)
+    """
+    generation = getattr(app, "consumer_generation_id", None)
+    stale = 0
+    for event in events:
+        message = event.message
+        fetched_in = getattr(message, "generation_id", None)
+        if fetched_in is not None and fetched_in != generation and not message.acked:
+            message.acked = True
+            stale += 1
+    return stale
