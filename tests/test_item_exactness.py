@@ -65,6 +65,15 @@ class World:
         #: The partitions this worker owns (streams.ownership.owned); None: all of them.
         self.owned = None
         mp.setattr(ingest, "owned", self._owned)
+        #: The group's committed offset per partition, as the broker would say (none here).
+        self.committed: dict = {}
+        mp.setattr(ingest, "committed_offsets", lambda bootstrap, group, tps: {
+            tp: self.committed.get(tp) for tp in tps})
+        self.seeks: list = []
+
+        async def seek(tp, offset):
+            self.seeks.append((tp, offset))
+        mp.setattr(ingest.app.consumer, "seek", seek, raising=False)
         mp.setattr(item_stats, "owned", self._owned)
 
     async def _owned(self, app):
@@ -93,7 +102,8 @@ class World:
     def batch(self, offsets):
         tp = TP(EVENTS, self.partition)
         return [SimpleNamespace(value=self.log[o], message=SimpleNamespace(
-            topic=EVENTS, partition=self.partition, offset=o, key=b"u", tp=tp)) for o in offsets]
+            topic=EVENTS, partition=self.partition, offset=o, key=b"u", tp=tp, acked=False))
+            for o in offsets]
 
     def ingest(self, offsets):
         asyncio.run(ingest.ingest_reliably(self.batch(offsets)))
@@ -171,6 +181,24 @@ def test_a_batch_whose_partition_was_given_away_writes_nothing(world, monkeypatc
     world.owned = None
     world.apply_deltas(start)
     assert world.counts() == Counter({"i1": 2, "i2": 1})
+
+
+def test_a_partition_delivered_from_beyond_its_committed_offset_is_rewound(world):
+    """A worker given a partition must start at the committed offset; when delivery starts
+    later, the events in between would never be processed, so the worker seeks back and
+    leaves the batch (unacked) for the redelivery."""
+    offsets = world.produce(*[like("u0", f"i{n}", n) for n in range(4)])
+    tp = TP(EVENTS, world.partition)
+    world.committed = {tp: offsets[0]}
+    batch = world.batch(offsets[2:])                 # delivery resumed two events too late
+    asyncio.run(ingest.ingest_reliably(batch))
+    assert world.seeks == [(tp, offsets[0])]
+    assert world.user_history == {} and world.deltas.sent == []
+    assert all(e.message.acked for e in batch)       # no ack may move a commit past them
+    world.ingest(offsets)                            # the redelivery from the committed offset
+    world.apply_deltas()
+    assert world.counts() == Counter({f"i{n}": 1 for n in range(4)})
+    assert world.seeks == [(tp, offsets[0])]         # started where committed: no second seek
 
 
 def test_history_written_but_bundles_lost_are_sent_again(world):
