@@ -15,9 +15,14 @@ def _settings():
 def cmd_broker(args) -> int:
     from streams import broker
     if args.action == "start":
-        info = broker.start(wipe=args.wipe)
-        print(json.dumps(info if isinstance(info, dict) else getattr(info, "__dict__", str(info)),
-                         default=str))
+        info = broker.start(wipe=args.wipe, sasl_ssl=args.sasl_ssl)
+        out = dict(info.__dict__)
+        if out.get("client_env"):
+            # The password stays in client.env (mode 600), out of terminals and logs.
+            out["client_env"] = str(broker.broker_dir(info.port) / "client.env")
+            print(f"SASL_SSL: clients connect with the settings in {out['client_env']} "
+                  f"(`set -a; . {out['client_env']}; set +a`)", file=sys.stderr)
+        print(json.dumps(out, default=str))
     elif args.action == "stop":
         broker.stop(wipe=args.wipe)
     elif args.action == "status":
@@ -46,7 +51,11 @@ def cmd_worker(args) -> int:
     from confluent_kafka.admin import AdminClient
     from streams.kafka_config import client_config
     import streams.settings
+    from streams.producer import check_broker
     s = _settings()
+    # A wrong password, CA or address is said plainly within seconds, not by librdkafka
+    # after Faust's 15 s of retries.
+    check_broker(s.bootstrap)
     # Local RocksDB state belongs to one Kafka cluster: a wiped or different broker
     # must not meet offsets persisted for another one, so key the dir by cluster id.
     cluster = AdminClient(client_config(s.bootstrap)).list_topics(timeout=15).cluster_id
@@ -249,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("broker", help="run a local Apache Kafka broker (KRaft)")
     b.add_argument("action", choices=["start", "stop", "status", "logs"])
     b.add_argument("--wipe", action="store_true", help="start/stop with an empty data dir")
+    b.add_argument("--sasl-ssl", action="store_true",
+                   help="with start: serve SASL_SSL (TLS + SCRAM) instead of PLAINTEXT; the "
+                        "clients' settings go to client.env beside the data dir")
     b.add_argument("-n", "--lines", type=int, default=50)
     b.set_defaults(func=cmd_broker)
 
