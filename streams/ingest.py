@@ -49,7 +49,7 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import committed_offsets, forget_stale_acks, owned, skipped_ahead
+from streams.ownership import committed_offsets, forget_stale_acks, owned, rewind_skipped
 from streams.settings import settings
 from streams.tables import user_history
 
@@ -89,30 +89,6 @@ async def note_replay_zone(batch) -> None:
                             "redeliveries", tp, first, replay_below[tp])
 
 
-async def rewind_skipped(batch) -> set:
-    """Partitions this worker was just given whose first events lie beyond the group's
-    committed offset (streams/ownership.skipped_ahead): seek them back to it, so the
-    events in between are processed.  Returns those partitions."""
-    new = {event.message.tp for event in batch} - set(replay_below)
-    if not new:
-        return set()
-    first = {tp: min(e.message.offset for e in batch if e.message.tp == tp) for tp in new}
-    try:
-        committed = await asyncio.get_running_loop().run_in_executor(
-            None, committed_offsets, settings.bootstrap, app.conf.id, new)
-    except Exception:
-        # Cannot look (broker away): go on as Faust delivers, as before this check.
-        app.logger.warning("ingest: could not read committed offsets of %s", sorted(new))
-        return set()
-    back = skipped_ahead(first, committed)
-    for tp, offset in back.items():
-        app.logger.warning("ingest %s: delivery starts at offset %d, beyond the committed "
-                           "offset %d: seeking back", tp, first[tp], offset)
-        metrics.counters["partitions_rewound"] += 1
-        await app.consumer.seek(tp, offset)
-    return set(back)
-
-
 async def end_offsets(tps) -> dict:
     return await app.consumer.highwaters(*tps)
 
@@ -125,13 +101,13 @@ def mark_replayed(batch) -> None:
 
 
 async def ingest_reliably(batch) -> None:
-    rewound = await rewind_skipped(batch)
+    # A partition just given to this worker must start at the committed offset
+    # (streams/ownership.py); if delivery skipped ahead, it was sought back and its
+    # events come again: leave them (unacked) for that.
+    rewound = await rewind_skipped(app, batch, replay_below, lambda tps: committed_offsets(
+        settings.bootstrap, app.conf.id, tps))
     if rewound:
-        # Left for the redelivery from the committed offset, and not acked: an ack
-        # would let a commit pass the events this worker skipped.
-        for event in batch:
-            if event.message.tp in rewound:
-                event.message.acked = True
+        metrics.counters["partitions_rewound"] += len(rewound)
         batch = [event for event in batch if event.message.tp not in rewound]
         if not batch:
             return

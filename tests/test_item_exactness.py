@@ -67,8 +67,10 @@ class World:
         mp.setattr(ingest, "owned", self._owned)
         #: The group's committed offset per partition, as the broker would say (none here).
         self.committed: dict = {}
-        mp.setattr(ingest, "committed_offsets", lambda bootstrap, group, tps: {
-            tp: self.committed.get(tp) for tp in tps})
+        for module in (ingest, item_stats):
+            mp.setattr(module, "committed_offsets", lambda bootstrap, group, tps: {
+                tp: self.committed.get(tp) for tp in tps})
+        mp.setattr(item_stats, "_resumed", set())
         self.seeks: list = []
 
         async def seek(tp, offset):
@@ -116,7 +118,7 @@ class World:
         """The item-stats agent consumes ``item.deltas`` from ``start``."""
         batch = [SimpleNamespace(value=m.value, message=SimpleNamespace(
             topic="item.deltas", partition=m.partition, offset=i, key=m.key,
-            tp=TP("item.deltas", m.partition)))
+            tp=TP("item.deltas", m.partition), acked=False))
             for i, m in enumerate(self.deltas.sent[start:], start)]
         asyncio.run(item_stats.apply_batch(batch))
         return len(self.deltas.sent)
@@ -199,6 +201,20 @@ def test_a_partition_delivered_from_beyond_its_committed_offset_is_rewound(world
     world.apply_deltas()
     assert world.counts() == Counter({f"i{n}": 1 for n in range(4)})
     assert world.seeks == [(tp, offsets[0])]         # started where committed: no second seek
+
+
+def test_item_deltas_delivered_from_beyond_their_committed_offset_are_rewound(
+        world, monkeypatch):
+    world.one_partition(monkeypatch)
+    world.ingest(world.produce(like("u0", "i1", 1)))
+    world.ingest(world.produce(like("u1", "i2", 2)))
+    assert len(world.deltas.sent) == 2
+    tp = TP("item.deltas", world.partition)
+    world.committed = {tp: 0}
+    world.apply_deltas(start=1)                       # delivery skipped the first bundle
+    assert world.seeks == [(tp, 0)] and world.counts() == Counter()
+    world.apply_deltas(start=0)                       # the redelivery from the committed offset
+    assert world.counts() == Counter({"i1": 1, "i2": 1}) and len(world.seeks) == 1
 
 
 def test_history_written_but_bundles_lost_are_sent_again(world):
