@@ -246,6 +246,14 @@ def cmd_deadletters(args) -> int:
     return 0
 
 
+def cmd_dashboard(args) -> int:
+    from streams.dashboard_server import DEFAULT_PORT, serve
+    s = _settings()
+    serve(args.bootstrap or s.bootstrap, port=args.port or DEFAULT_PORT,
+          bind=args.bind or s.web_bind, token=s.web_token if args.token is None else args.token)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from streams.demo import run_demo
     return run_demo(args)
@@ -351,6 +359,17 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("--dry-run", action="store_true", help="count what would be re-driven")
     dl.add_argument("--bootstrap")
     dl.set_defaults(func=cmd_deadletters)
+
+    db = sub.add_parser("dashboard", help="serve the whole cluster's dashboard from the figures "
+                                           "workers publish (no worker needed)")
+    db.add_argument("--port", type=int, help="web port (default 6060)")
+    db.add_argument("--bind", help="address to listen on (default $STREAMREC_WEB_BIND or "
+                                   "127.0.0.1); beyond loopback a token is required")
+    db.add_argument("--token", help="every request must carry it (Authorization: Bearer, or "
+                                    "?token=, which the page passes on); default "
+                                    "$STREAMREC_WEB_TOKEN")
+    db.add_argument("--bootstrap")
+    db.set_defaults(func=cmd_dashboard)
 
     sub.add_parser("simulate", add_help=False,
                    help="closed-loop simulated users over the real request/reply topics "

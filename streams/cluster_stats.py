@@ -11,7 +11,9 @@ as down.  The topic keeps an hour uncompacted, so a worker that starts reads
 the last hour and its dashboard opens with history.
 
 The merging is pure functions over plain dicts; the Faust glue (a sensor that
-counts what is sent, the publishing timer, the broker lag poll) is at the end.
+counts what is sent, the publishing timer, the broker lag poll) is at the end and
+is put on the worker's app by :func:`install`, so importing this module makes no
+Faust app (``streamrec dashboard`` merges the same figures without a worker).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import Optional
 
 import orjson
 
+from schemas.topics import EVENTS_DLQ, REPLIES, STATS
 from streams import metrics
 from streams.kafka_config import client_config
 
@@ -257,12 +260,15 @@ class ClusterView:
     """Every worker's figures from ``cluster.stats``: the latest per worker and the
     last hour of each, read by a group-less background consumer."""
 
-    def __init__(self, bootstrap: str, topic: str):
+    def __init__(self, bootstrap: str, topic: str = STATS):
         self.bootstrap = bootstrap
         self.topic = topic
         self.latest: dict[str, dict] = {}
         self.history: dict[str, deque] = {}
         self.messages = 0
+        #: The reader's last client error (broker down, credentials refused), until a
+        #: record arrives after it.
+        self.error: Optional[str] = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
@@ -283,6 +289,7 @@ class ClusterView:
             while series and series[0][0] < time.time() - HISTORY_S:
                 series.popleft()
             self.messages += 1
+            self.error = None
 
     def cluster(self, now: Optional[float] = None) -> dict:
         now = time.time() if now is None else now
@@ -294,6 +301,20 @@ class ClusterView:
         with self._lock:
             history = {w: list(s) for w, s in self.history.items()}
         return merge_history(history, since=since)
+
+    def on_error(self, err) -> None:
+        """librdkafka's error callback: kept to show beside the figures, which stop
+        arriving (the workers then show as down)."""
+        self.error = f"{err.name()}: {err.str()}"
+
+    def check(self, timeout: float = 10.0) -> None:
+        """Raise RuntimeError, saying what to do, when the broker has no such topic."""
+        from confluent_kafka.admin import AdminClient
+        meta = AdminClient(client_config(self.bootstrap)).list_topics(timeout=timeout)
+        if self.topic not in meta.topics or meta.topics[self.topic].error is not None:
+            raise RuntimeError(f"the broker at {self.bootstrap} has no topic {self.topic!r}, "
+                               f"where workers publish their figures: create the topics "
+                               f"('streamrec topics create') and start a worker")
 
     def start(self) -> "ClusterView":
         self._thread = threading.Thread(target=self._run, name="cluster-view", daemon=True)
@@ -308,7 +329,8 @@ class ClusterView:
     def _run(self) -> None:
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
         consumer = Consumer(client_config(self.bootstrap, {"group.id": "streamrec-cluster-view",
-                             "enable.auto.commit": False, "fetch.wait.max.ms": 100}))
+                             "enable.auto.commit": False, "fetch.wait.max.ms": 100,
+                             "error_cb": self.on_error}))
         try:
             parts = consumer.list_topics(self.topic, timeout=10).topics[self.topic].partitions
             consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING) for p in parts])
@@ -352,19 +374,20 @@ def broker_group_lag(admin, groups=None) -> dict:
 
 
 # --------------------------------------------------------------------------- the worker's glue
+# Nothing here touches the Faust app until streams.web calls install(app, view), so the
+# module (its merging and ClusterView) is importable without one: `streamrec dashboard`
+# (streams/dashboard_server.py) merges the same figures with no worker.
 
-import faust  # noqa: E402
+import faust  # noqa: E402  (the library only: no app is made by importing it)
 
-from schemas.topics import EVENTS_DLQ, REPLIES, STATS  # noqa: E402
-from streams.app import app  # noqa: E402
 from streams.settings import settings  # noqa: E402
-from streams.view import view  # noqa: E402
 
 WORKER_ID = f"{socket.gethostname()}:{settings.web_port}"
-stats_topic = app.topic(STATS)
 cluster_view = ClusterView(settings.bootstrap, STATS)
 _local_history: deque = deque()
 _group_lag: dict = {"lag": {}, "at": None}
+#: The worker's Faust app and shared item view, once installed.
+_worker: dict = {}
 
 
 class FlowSensor(faust.Sensor):
@@ -396,12 +419,11 @@ class FlowSensor(faust.Sensor):
 
 
 flow = FlowSensor()
-app.sensors.add(flow)
 
 
 def consumer_lag() -> dict:
     """Messages behind per topic and partition this worker consumes (end - read)."""
-    monitor = app.monitor
+    monitor = _worker["app"].monitor
     lag: dict = {}
     for tp, end in dict(monitor.tp_end_offsets or {}).items():
         read = (monitor.tp_read_offsets or {}).get(tp)
@@ -413,7 +435,7 @@ def consumer_lag() -> dict:
 def assigned_partitions() -> dict:
     out: dict = {}
     try:
-        for tp in app.consumer.assignment():
+        for tp in _worker["app"].consumer.assignment():
             out.setdefault(tp.topic, []).append(tp.partition)
     except Exception:  # not assigned yet, or the consumer is not running
         return {}
@@ -421,6 +443,7 @@ def assigned_partitions() -> dict:
 
 
 def model_figures() -> dict:
+    view = _worker["view"]
     live = f"{view.scorer.model}:{view.scorer.version}" if view.scorer else None
     records = sorted(view.registry.values(), key=lambda r: version_order(
         f"{r.get('model')}:{r.get('version')}"))
@@ -437,6 +460,7 @@ def model_figures() -> dict:
 
 
 def funnel_figures() -> dict:
+    view = _worker["view"]
     config = view.funnel_config("explore")
     try:
         trending = [{"item": h[0], "score": round(h[1], 3)}
@@ -454,7 +478,7 @@ def local_figures(now: Optional[float] = None) -> dict:
     """This worker's figures, as published to ``cluster.stats`` and served on /metrics."""
     from streams.stability import latest as stability_latest
     now = time.time() if now is None else now
-    monitor = app.monitor
+    monitor = _worker["app"].monitor
     counts = dict(metrics.counters)
     msgs_in = dict(monitor.messages_received_by_topic)
     msgs_out = dict(monitor.messages_sent_by_topic)
@@ -488,30 +512,37 @@ def local_figures(now: Optional[float] = None) -> dict:
     })
 
 
-@app.task
-async def start_cluster_view() -> None:
-    cluster_view.start()
-
-
-@app.timer(STATS_INTERVAL_S)
-async def publish_figures() -> None:
-    try:
-        value = orjson.dumps(local_figures(), option=orjson.OPT_NON_STR_KEYS)
-    except Exception:  # an exception in a timer would stop the worker: figures are not worth it
-        log.exception("could not build this worker's figures")
+def install(app, view) -> None:
+    """Make ``app`` (the worker's Faust app, ``view`` its shared item view) count what it
+    sends, tail every worker's figures and publish its own every ``STATS_INTERVAL_S``."""
+    if _worker:
         return
-    await stats_topic.send(key=WORKER_ID.encode(), value=value, partition=0)
+    _worker.update(app=app, view=view)
+    app.sensors.add(flow)
+    stats_topic = app.topic(STATS)
 
+    @app.task
+    async def start_cluster_view() -> None:
+        cluster_view.start()
 
-@app.timer(5.0)
-async def poll_group_lag() -> None:
-    import asyncio
-    from confluent_kafka.admin import AdminClient
-    if "admin" not in _group_lag:
-        _group_lag["admin"] = AdminClient(client_config(settings.bootstrap))
-    try:
-        lag = await asyncio.get_running_loop().run_in_executor(
-            None, broker_group_lag, _group_lag["admin"])
-        _group_lag.update(lag=lag, at=time.time())
-    except Exception as exc:
-        log.warning("could not read consumer group offsets: %s", exc)
+    @app.timer(STATS_INTERVAL_S, name="publish_figures")
+    async def publish_figures() -> None:
+        try:
+            value = orjson.dumps(local_figures(), option=orjson.OPT_NON_STR_KEYS)
+        except Exception:  # an exception in a timer would stop the worker: figures are not worth it
+            log.exception("could not build this worker's figures")
+            return
+        await stats_topic.send(key=WORKER_ID.encode(), value=value, partition=0)
+
+    @app.timer(5.0, name="poll_group_lag")
+    async def poll_group_lag() -> None:
+        import asyncio
+        from confluent_kafka.admin import AdminClient
+        if "admin" not in _group_lag:
+            _group_lag["admin"] = AdminClient(client_config(settings.bootstrap))
+        try:
+            lag = await asyncio.get_running_loop().run_in_executor(
+                None, broker_group_lag, _group_lag["admin"])
+            _group_lag.update(lag=lag, at=time.time())
+        except Exception as exc:
+            log.warning("could not read consumer group offsets: %s", exc)
