@@ -208,3 +208,25 @@ def test_a_killed_worker_shows_down_within_10_s(two_workers):
     screenshot(f"http://127.0.0.1:{first.web_port}/dashboard/#overview", "worker-down")
     print(f"killed worker shown down after at most {shown:.1f} s")
     assert shown <= 10.0
+
+
+def test_the_dashboard_command_serves_the_page_with_the_cluster(kafka, worker, tmp_path):
+    """One page load against `streamrec dashboard`, a server of its own (no worker in it)."""
+    from .test_dashboard_server import DASHBOARD_PORT, Dashboard
+    dash = Dashboard(tmp_path / "dashboard.log", "--port", str(DASHBOARD_PORT),
+                     "--bootstrap", kafka)
+    try:
+        dash.wait_listening(DASHBOARD_PORT)
+        wid = stats(worker.web_port)["worker"]
+        url = f"http://127.0.0.1:{DASHBOARD_PORT}/dashboard/#overview"
+        deadline, page, html = time.time() + 20, None, ""
+        while time.time() < deadline:
+            html = dump_dom(url)
+            page = Rows(html)
+            if page.workers.get(wid) == "true":
+                break
+        assert page.workers.get(wid) == "true", page.workers
+        assert "Served by streamrec dashboard" in html
+        assert screenshot(url, "dashboard-command-overview").stat().st_size > 10_000
+    finally:
+        dash.stop()
