@@ -172,7 +172,7 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                   compact=True, compaction_lag_ms=HOUR_MS,
                   writers=("streams.cluster_stats: every worker's stats timer (every 2 s)",),
                   readers=("streams.cluster_stats: ClusterView on every worker (/dashboard/, "
-                           "/cluster/)",)),
+                           "/cluster/) and in `streamrec dashboard` (streams.dashboard_server)",)),
         TopicSpec(changelog_name(app_id, "user_history"), p, "user_id", "user history (JSON)",
                   compact=True, writers=("streams.ingest: ingest agent's user_history writes",),
                   readers=(f"streams.tables: {restore}",)),
