@@ -175,6 +175,8 @@ def _share(value) -> float:
 
 
 DEFAULT_CONFIG = FunnelConfig()
+#: ``stage_counts`` keys of the candidates each retrieval source proposed.
+SOURCE_COUNT_PREFIX = "source:"
 
 
 @dataclass
@@ -366,6 +368,8 @@ def recommend(req: RecommendationRequest, history: UserHistory, view: ItemView, 
             return reply(fallback_items(req, history, view, start, config),
                          f"deadline reached during retrieval (before {name!r})")
         results[name] = SOURCES[name](ctx, spec.fetch)
+        # Per source, what it proposed (before blending merges items several proposed).
+        counts[f"{SOURCE_COUNT_PREFIX}{name}"] = len(results[name])
         retrieved.update(h.item_id for h in results[name])
     counts["retrieved"] = len(retrieved)
     candidates = blend(results, {n: s.weight for n, s in config.sources.items()})

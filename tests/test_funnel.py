@@ -291,7 +291,11 @@ def test_heavy_user_still_gets_k_unseen_trending_items():
 def test_stage_counts_are_consistent():
     for k in (1, 5, 100):
         reply = recommend(req(k=k), make_history(), make_view(), clock=fixed())
-        c = reply.stage_counts
+        c = dict(reply.stage_counts)
+        by_source = {k[len("source:"):]: c.pop(k) for k in list(c) if k.startswith("source:")}
+        assert set(by_source) == set(DEFAULT_CONFIG.sources)
+        # Items several sources proposed are counted by each, retrieved once.
+        assert max(by_source.values()) <= c["retrieved"] <= sum(by_source.values())
         assert set(c) == {"retrieved", "after_filters", "ranked", "returned"}
         assert c["returned"] == len(reply.items) == min(k, c["ranked"])
         assert c["returned"] <= c["ranked"] <= c["after_filters"] <= c["retrieved"]
