@@ -49,7 +49,7 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import committed_offsets, forget_stale_acks, owned, rewind_skipped
+from streams.ownership import forget_stale_acks, owned
 from streams.settings import settings
 from streams.tables import user_history
 
@@ -101,16 +101,6 @@ def mark_replayed(batch) -> None:
 
 
 async def ingest_reliably(batch) -> None:
-    # A partition just given to this worker must start at the committed offset
-    # (streams/ownership.py); if delivery skipped ahead, it was sought back and its
-    # events come again: leave them (unacked) for that.
-    rewound = await rewind_skipped(app, batch, replay_below, lambda tps: committed_offsets(
-        settings.bootstrap, app.conf.id, tps))
-    if rewound:
-        metrics.counters["partitions_rewound"] += len(rewound)
-        batch = [event for event in batch if event.message.tp not in rewound]
-        if not batch:
-            return
     await note_replay_zone(batch)
     # A failure is a bug, or input the validator let through: nothing of the batch
     # was sent, so the guard retries its messages one by one and parks, unapplied,

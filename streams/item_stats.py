@@ -51,7 +51,7 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import committed_offsets, forget_stale_acks, owned, rewind_skipped
+from streams.ownership import forget_stale_acks, owned
 from streams.settings import settings
 from streams.view import view
 
@@ -129,24 +129,7 @@ async def item_stats_agent(stream):
         await guarded("item_stats_publish", lambda _: publish_due(), [], Policy.DROP)
 
 
-#: item.deltas partitions whose first delivery was checked against the committed offset
-#: since this worker was given them (streams/ownership.rewind_skipped).
-_resumed: set = set()
-
-
-@app.on_partitions_revoked.connect
-async def forget_resumed(sender, revoked, **kwargs) -> None:
-    _resumed.difference_update(revoked)
-
-
 async def apply_batch(batch) -> None:
-    rewound = await rewind_skipped(app, batch, _resumed, lambda tps: committed_offsets(
-        settings.bootstrap, app.conf.id, tps))
-    if rewound:
-        # Sought back: these bundles come again from the committed offset.
-        metrics.counters["partitions_rewound"] += len(rewound)
-        batch = [event for event in batch if event.message.tp not in rewound]
-    _resumed.update(event.message.tp for event in batch)
     # item -> (an event from the item's partition, [(part, delta) in arrival order])
     merged: dict[str, tuple] = {}
     for event in batch:

@@ -65,17 +65,6 @@ class World:
         #: The partitions this worker owns (streams.ownership.owned); None: all of them.
         self.owned = None
         mp.setattr(ingest, "owned", self._owned)
-        #: The group's committed offset per partition, as the broker would say (none here).
-        self.committed: dict = {}
-        for module in (ingest, item_stats):
-            mp.setattr(module, "committed_offsets", lambda bootstrap, group, tps: {
-                tp: self.committed.get(tp) for tp in tps})
-        mp.setattr(item_stats, "_resumed", set())
-        self.seeks: list = []
-
-        async def seek(tp, offset):
-            self.seeks.append((tp, offset))
-        mp.setattr(ingest.app.consumer, "seek", seek, raising=False)
         mp.setattr(item_stats, "owned", self._owned)
 
     async def _owned(self, app):
@@ -183,38 +172,6 @@ def test_a_batch_whose_partition_was_given_away_writes_nothing(world, monkeypatc
     world.owned = None
     world.apply_deltas(start)
     assert world.counts() == Counter({"i1": 2, "i2": 1})
-
-
-def test_a_partition_delivered_from_beyond_its_committed_offset_is_rewound(world):
-    """A worker given a partition must start at the committed offset; when delivery starts
-    later, the events in between would never be processed, so the worker seeks back and
-    leaves the batch (unacked) for the redelivery."""
-    offsets = world.produce(*[like("u0", f"i{n}", n) for n in range(4)])
-    tp = TP(EVENTS, world.partition)
-    world.committed = {tp: offsets[0]}
-    batch = world.batch(offsets[2:])                 # delivery resumed two events too late
-    asyncio.run(ingest.ingest_reliably(batch))
-    assert world.seeks == [(tp, offsets[0])]
-    assert world.user_history == {} and world.deltas.sent == []
-    assert all(e.message.acked for e in batch)       # no ack may move a commit past them
-    world.ingest(offsets)                            # the redelivery from the committed offset
-    world.apply_deltas()
-    assert world.counts() == Counter({f"i{n}": 1 for n in range(4)})
-    assert world.seeks == [(tp, offsets[0])]         # started where committed: no second seek
-
-
-def test_item_deltas_delivered_from_beyond_their_committed_offset_are_rewound(
-        world, monkeypatch):
-    world.one_partition(monkeypatch)
-    world.ingest(world.produce(like("u0", "i1", 1)))
-    world.ingest(world.produce(like("u1", "i2", 2)))
-    assert len(world.deltas.sent) == 2
-    tp = TP("item.deltas", world.partition)
-    world.committed = {tp: 0}
-    world.apply_deltas(start=1)                       # delivery skipped the first bundle
-    assert world.seeks == [(tp, 0)] and world.counts() == Counter()
-    world.apply_deltas(start=0)                       # the redelivery from the committed offset
-    assert world.counts() == Counter({"i1": 1, "i2": 1}) and len(world.seeks) == 1
 
 
 def test_history_written_but_bundles_lost_are_sent_again(world):
