@@ -49,7 +49,6 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import forget_stale_acks, owned
 from streams.settings import settings
 from streams.tables import user_history
 
@@ -167,16 +166,8 @@ async def plan_batch(batch, now: float) -> BatchPlan:
                 metrics.counters["events_rerouted"] += 1
                 continue
             by_user.setdefault(ev.user_id, (event, []))[1].append((ev, source, [msg.offset, index]))
-    # From here to the table writes in commit_tables nothing awaits, and only
-    # partitions this worker still owns are read and written (streams/ownership.py).
-    mine = await owned(app)
-    metrics.counters["events_fetched_before_rebalance"] += forget_stale_acks(app, batch)
     plan = BatchPlan(deltas=SourcedDeltas(single=single))
     for user, (event, evs) in by_user.items():
-        if event.message.tp not in mine:
-            # A rebalance gave the user's partition away: its new owner processes these.
-            metrics.counters["events_left_to_new_owner"] += len(evs)
-            continue
         use_event(event)
         partition = event.message.partition
         record = user_history.get(user)

@@ -51,7 +51,6 @@ from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.context import use_event
 from streams.deadletters import send_dead_letter
-from streams.ownership import forget_stale_acks, owned
 from streams.settings import settings
 from streams.view import view
 
@@ -145,16 +144,8 @@ async def apply_batch(batch) -> None:
         for part in parts:
             for item, delta in part["items"].items():
                 merged.setdefault(item, (event, []))[1].append((part, delta))
-    # Nothing awaits from here to the table writes, and only partitions this worker
-    # still owns are read and written (streams/ownership.py).
-    mine = await owned(app)
-    metrics.counters["item_deltas_fetched_before_rebalance"] += forget_stale_acks(app, batch)
     applied = 0
     for item, (event, deltas) in merged.items():
-        if event.message.tp not in mine:
-            # A rebalance gave the item's partition away: its new owner applies these.
-            metrics.counters["item_deltas_left_to_new_owner"] += len(deltas)
-            continue
         use_event(event)
         partition = event.message.partition
         stats = item_stats.get(item)

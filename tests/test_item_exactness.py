@@ -62,16 +62,6 @@ class World:
             mp.setattr(item_stats, name, {})
         mp.setattr(item_stats, "_unseeded", set())
         self.partition = partition_for("u0", settings.partitions)
-        #: The partitions this worker owns (streams.ownership.owned); None: all of them.
-        self.owned = None
-        mp.setattr(ingest, "owned", self._owned)
-        mp.setattr(item_stats, "owned", self._owned)
-
-    async def _owned(self, app):
-        class Everything:
-            def __contains__(self, tp):
-                return True
-        return Everything() if self.owned is None else set(self.owned)
 
     def one_partition(self, monkeypatch):
         """Every user and item on the drill's partition."""
@@ -93,8 +83,7 @@ class World:
     def batch(self, offsets):
         tp = TP(EVENTS, self.partition)
         return [SimpleNamespace(value=self.log[o], message=SimpleNamespace(
-            topic=EVENTS, partition=self.partition, offset=o, key=b"u", tp=tp, acked=False))
-            for o in offsets]
+            topic=EVENTS, partition=self.partition, offset=o, key=b"u", tp=tp)) for o in offsets]
 
     def ingest(self, offsets):
         asyncio.run(ingest.ingest_reliably(self.batch(offsets)))
@@ -106,8 +95,7 @@ class World:
     def apply_deltas(self, start=0):
         """The item-stats agent consumes ``item.deltas`` from ``start``."""
         batch = [SimpleNamespace(value=m.value, message=SimpleNamespace(
-            topic="item.deltas", partition=m.partition, offset=i, key=m.key,
-            tp=TP("item.deltas", m.partition), acked=False))
+            topic="item.deltas", partition=m.partition, offset=i, key=m.key))
             for i, m in enumerate(self.deltas.sent[start:], start)]
         asyncio.run(item_stats.apply_batch(batch))
         return len(self.deltas.sent)
@@ -144,34 +132,6 @@ def test_a_redelivered_batch_with_other_bounds_counts_once(world):
     world.ingest(offsets)
     world.apply_deltas(start=0)        # the item side is redelivered everything too
     assert world.counts() == truth(EVENTS_10)
-
-
-def test_a_batch_whose_partition_was_given_away_writes_nothing(world, monkeypatch):
-    """A rebalance during the batch moved the partition: the new owner will process these
-    events, so this worker must not write their table state (a late write would bring a
-    stale record back at the next restore)."""
-    world.one_partition(monkeypatch)
-    offsets = world.produce(like("u0", "i1", 1), like("u0", "i2", 2))
-    world.owned = set()
-    before = ingest.metrics.counters["events_left_to_new_owner"]
-    world.ingest(offsets)
-    assert world.user_history == {} and world.deltas.sent == []
-    assert ingest.metrics.counters["events_left_to_new_owner"] - before == 2
-    world.owned = None           # the partition comes back: the events count once
-    world.ingest(offsets)
-    world.apply_deltas()
-    assert world.counts() == Counter({"i1": 1, "i2": 1})
-    world.owned = set()          # item deltas of a partition given away are not applied
-    more = world.produce(like("u0", "i1", 3))
-    world.owned = None
-    start = len(world.deltas.sent)
-    world.ingest(more)
-    world.owned = set()
-    world.apply_deltas(start)
-    assert world.counts() == Counter({"i1": 1, "i2": 1})
-    world.owned = None
-    world.apply_deltas(start)
-    assert world.counts() == Counter({"i1": 2, "i2": 1})
 
 
 def test_history_written_but_bundles_lost_are_sent_again(world):
@@ -266,8 +226,7 @@ def test_an_item_batch_that_fails_parks_only_the_bundle_that_fails_alone(world, 
     for ev in events:
         world.ingest(world.produce(ev))
     batch = [SimpleNamespace(value=m.value, message=SimpleNamespace(
-        topic="item.deltas", partition=m.partition, offset=i, key=m.key,
-        tp=TP("item.deltas", m.partition)))
+        topic="item.deltas", partition=m.partition, offset=i, key=m.key))
         for i, m in enumerate(world.deltas.sent)]
     (poisoned,) = [e.message.offset for e in batch if b"poison" in e.value]
     asyncio.run(agent_errors.guarded("item_stats", item_stats.apply_batch, batch,
