@@ -122,9 +122,12 @@ class ListTally:
 
 
 def impression_example(state, view, ev, item: str, labels: dict,
-                       position: Optional[int]) -> Example:
+                       position: Optional[int], *, request_id: Optional[str] = None,
+                       source_scores: Optional[dict] = None) -> Example:
     """An impression of ``item`` to ``ev``'s user at ``ev``'s time, as the label join
-    records it: features from the state as it is (before ``ev`` applies)."""
+    records it: features from the state as it is (before ``ev`` applies).  Without a
+    ``request_id`` the user's hour stands in for the request; ``source_scores`` are the
+    retrieval scores the item was served with (none for a replayed rating)."""
     history = state.history(ev.user_id)
     author = ev.author_id if item == ev.item_id else view.author_of(item)
     first = view.first_seen(item)
@@ -135,8 +138,9 @@ def impression_example(state, view, ev, item: str, labels: dict,
         item_counts=dict(view.quality(item) or {}),
         item_age_s=max(0.0, ev.ts - first) if first else 0.0,
         user_author=history.author_stats(author), user_totals=history.totals(),
+        source_scores=source_scores or {},
         # A user's ratings within one hour stand in for one request (as bench/quality.py).
-        request_id=f"{ev.user_id}:{int(ev.ts // 3600)}")
+        request_id=request_id if request_id is not None else f"{ev.user_id}:{int(ev.ts // 3600)}")
 
 
 def rating_examples(state, view, group: list, position: Optional[int], negatives: int,

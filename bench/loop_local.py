@@ -42,6 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.common import log, run  # noqa: E402
+from bench.final_list import impression_example  # noqa: E402
 from bench.retrieval import LiveState, ReplayView  # noqa: E402
 from models.features import Example  # noqa: E402
 from models.funnel import FunnelConfig, recommend  # noqa: E402
@@ -103,25 +104,18 @@ class Loop:
         for ev in events:
             self.state.apply(ev)
 
-    def _examples(self, user: str, events, served_scores: dict, t: float) -> None:
-        """The label join: features as of the impression, labels from what followed."""
-        history = self.state.history(user)
+    def _examples(self, events, served_scores: dict, t: float) -> None:
+        """The label join: features as of the impression (call before the events
+        apply), labels from what followed."""
         heads = fired_heads(events)
         for ev in events:
             if ev.event_type != "impression":
                 continue
-            first = self.view.first_seen(ev.item_id)
             fired = heads.get((ev.request_id, ev.item_id), [])
-            labels = {h: int(h in fired) for h in HEADS}
-            self.pending_examples.append((t + self.args.label_delay, Example(
-                user_id=ev.user_id, item_id=ev.item_id, author_id=ev.author_id,
-                surface=ev.surface, ts=ev.ts, position=ev.position, labels=labels,
-                user_recent=history.recent_positive_items(20),
-                user_authors=history.author_counts(),
-                item_counts=dict(self.view.quality(ev.item_id) or {}),
-                item_age_s=max(0.0, ev.ts - first) if first else 0.0,
-                source_scores=served_scores.get(ev.item_id) or {}, request_id=ev.request_id,
-                user_author=history.author_stats(ev.author_id), user_totals=history.totals())))
+            self.pending_examples.append((t + self.args.label_delay, impression_example(
+                self.state, self.view, ev, ev.item_id, {h: int(h in fired) for h in HEADS},
+                ev.position, request_id=ev.request_id,
+                source_scores=served_scores.get(ev.item_id))))
 
     def _learn(self, t: float) -> None:
         while self.pending_examples and self.pending_examples[0][0] <= t:
@@ -135,7 +129,8 @@ class Loop:
         for s in range(0, len(batch), self.args.train_batch):
             self.trainer.fit(batch[s:s + self.args.train_batch])
             self.counts["steps"] += 1
-        self.buffer.extend(batch)
+        if self.args.replay:
+            self.buffer.extend(batch)
         for _ in range(int(self.args.replay * len(batch) / self.args.train_batch)):
             picks = self.replay_rng.integers(len(self.buffer), size=self.args.train_batch)
             self.trainer.fit([self.buffer[i] for i in picks])
@@ -178,7 +173,7 @@ class Loop:
         items = (self.rng.choice(cands, size=min(self.args.k, len(cands)), replace=False).tolist()
                  if len(cands) else [])
         events = self.world.events_for(user, items, request_id, t)
-        self._examples(user_id(user), events, {}, t)
+        self._examples(events, {}, t)
         self._apply(events)
 
     def request(self, n: int, t: float) -> None:
@@ -204,10 +199,9 @@ class Loop:
                 self.truth[(request_id, item_id(item))] = dict(zip(ENGAGEMENT_HEADS, row.tolist()))
             self.fired.update(fired_heads(events))
             if predictions:
-                self.predictions.append({"request_id": request_id, "heads": list(HEADS),
+                self.predictions.append({"request_id": request_id, "t": t, "heads": list(HEADS),
                                          "model": self.scorer.version, "items": predictions})
-        self._examples(user_id(user), events, {r.item_id: r.source_scores or {}
-                                               for r in reply.items}, t)
+        self._examples(events, {r.item_id: r.source_scores for r in reply.items}, t)
         self._apply(events)
 
     def probe(self, user: int, t: float, cands) -> None:
@@ -261,15 +255,15 @@ class Loop:
                   if a.shift_at is not None and a.shift_at - 60 <= r["t"] < a.shift_at]
         late = [r for r in self.records if r["t"] >= a.quality_from]
         corr = [c for t, c in self.correlations if t >= a.quality_from and np.isfinite(c)]
-        quality = prediction_quality(
-            [m for m in self.predictions if int(m["request_id"][1:]) >= a.quality_from * a.rate],
-            self.truth, self.fired)
+        quality = prediction_quality([m for m in self.predictions if m["t"] >= a.quality_from],
+                                     self.truth, self.fired)
+        whole = aggregate(self.records)
         return {
             "settings": {k: v for k, v in vars(a).items() if k != "progress"},
-            "share_of_oracle": aggregate(self.records)["share_of_oracle"],
+            "share_of_oracle": whole["share_of_oracle"],
             "share_from": aggregate(late)["share_of_oracle"] if late else None,
             "share_minute_before_shift": aggregate(before)["share_of_oracle"] if before else None,
-            "policies": aggregate(self.records)["policies"],
+            "policies": whole["policies"],
             "never_below_popularity_from_180s": all(
                 s["value_per_request"]["system"] >= s["value_per_request"]["popularity"]
                 for s in series if s["t"] >= 180 and s["requests"]),
