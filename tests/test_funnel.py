@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from models.funnel import (DEFAULT_CONFIG, Candidate, FunnelConfig, SourceSpec, StaticItemView,
-                           blend, recommend, rerank)
+from models.funnel import (DEFAULT_CONFIG, SOURCE_COUNT_PREFIX, Candidate, FunnelConfig,
+                           SourceSpec, StaticItemView, blend, recommend, rerank)
 from models.history import UserHistory
 from schemas.requests import RecommendationRequest
 
@@ -292,7 +292,8 @@ def test_stage_counts_are_consistent():
     for k in (1, 5, 100):
         reply = recommend(req(k=k), make_history(), make_view(), clock=fixed())
         c = dict(reply.stage_counts)
-        by_source = {k[len("source:"):]: c.pop(k) for k in list(c) if k.startswith("source:")}
+        by_source = {key[len(SOURCE_COUNT_PREFIX):]: c.pop(key) for key in list(c)
+                     if key.startswith(SOURCE_COUNT_PREFIX)}
         assert set(by_source) == set(DEFAULT_CONFIG.sources)
         # Items several sources proposed are counted by each, retrieved once.
         assert max(by_source.values()) <= c["retrieved"] <= sum(by_source.values())
