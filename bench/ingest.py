@@ -7,8 +7,16 @@ Steps: start a broker on its own port (wiped), create the catalogue topics,
 pre-load the MovieLens replay into ``events`` (one event per message, or one
 JSON array of up to K events of one user per message with ``--per-message K``),
 read the whole topic with a bare confluent-kafka consumer in a new group
-(the "raw" rate), then start the worker and time until its ``events_ingested``
+(the "raw" rate), then with a Faust agent that does nothing but count its
+batches (``bench/noop_agent.py``: the same app settings and batching as the
+worker, a group of its own; the "noop_agent" rate, Faust's own cost per
+message), then start the worker and time until its ``events_ingested``
 counter reaches N (validate + user-history table + item deltas).
+
+``--profile DIR`` samples the worker with py-spy while it ingests (100 Hz,
+from its first event until the item side has applied every delta) and adds the
+top functions by own time and by total time to the JSON; the raw stacks stay
+in ``DIR/worker.pyspy.txt`` (collapsed, one stack a line).
 
 Rates are measured from the first message/event seen to the last, so process
 and group start-up are reported apart (``time_to_first_*``).  Prints one JSON
@@ -17,9 +25,13 @@ object on stdout; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -83,7 +95,92 @@ def raw_consume(bootstrap: str, topic: str, messages: int, events: int, *, decod
     return out
 
 
-def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> dict:
+def noop_agent(h: Harness, messages: int, events: int, timeout: float) -> dict:
+    """Read ``messages`` messages of ``events`` with a no-op Faust agent (bench/noop_agent.py)."""
+    env = {**os.environ, **h.worker_env(), "STREAMREC_BOOTSTRAP": h.bootstrap}
+    script = Path(__file__).resolve().parent / "noop_agent.py"
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(script), "--messages", str(messages),
+         "--events-per-message", str(events / messages if messages else 1.0)],
+        env=env, capture_output=True, timeout=timeout, cwd=script.parents[1])
+    lines = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("{")]
+    if not lines:
+        raise RuntimeError(f"no-op agent exited {proc.returncode} without a result:\n"
+                           + proc.stderr.decode()[-3000:])
+    import orjson
+    out = orjson.loads(lines[-1])
+    out["total_seconds"] = round(time.monotonic() - t0, 2)
+    return out
+
+
+class Profiler:
+    """py-spy sampling one process into collapsed stacks (``--format raw``)."""
+
+    def __init__(self, out_dir: Path, rate: int = 100):
+        self.path = Path(out_dir) / "worker.pyspy.txt"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.rate = rate
+        self.proc = None
+
+    def start(self, pid: int) -> None:
+        exe = Path(sys.executable).with_name("py-spy")
+        self.proc = subprocess.Popen(
+            [str(exe), "record", "--pid", str(pid), "--rate", str(self.rate), "--format", "raw",
+             "--output", str(self.path), "--nonblocking"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def stop(self) -> dict:
+        if self.proc is None:
+            return {}
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        return summarise_profile(self.path) if self.path.exists() else {
+            "error": (self.proc.stderr.read() or b"").decode()[-500:]}
+
+
+def summarise_profile(path: Path, top: int = 25) -> dict:
+    """Top frames of a collapsed-stack file: own samples and total (inclusive) samples.
+
+    Only the thread running the event loop is counted (the stacks under
+    ``run_forever``/``run_until_complete``): the agents run there; Faust's
+    consumer thread and librdkafka's threads work beside it.
+    """
+    own: Counter = Counter()
+    total: Counter = Counter()
+    samples = loop_samples = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        samples += n
+        frames = stack.split(";")
+        if not any("run_until_complete" in f or "run_forever" in f for f in frames):
+            continue
+        loop_samples += n
+        names = [_frame_name(f) for f in frames if not f.startswith(("process ", "thread "))]
+        own[names[-1]] += n
+        for name in set(names):
+            total[name] += n
+    return {"samples": samples, "event_loop_samples": loop_samples,
+            "own": [[k, v] for k, v in own.most_common(top)],
+            "total": [[k, v] for k, v in total.most_common(top * 2)]}
+
+
+def _frame_name(frame: str) -> str:
+    """``func (path/to/module.py:12)`` -> ``func (module.py)``: lines merged."""
+    name, _, where = frame.partition(" (")
+    file = where.rsplit(":", 1)[0].rstrip(")")
+    parts = Path(file).parts
+    return f"{name} ({'/'.join(parts[-2:])})"
+
+
+def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float,
+                  profiler: "Profiler | None" = None) -> dict:
     """Start the worker and time its ``events_ingested`` counter from 0 to ``n_events``."""
     t_spawn = time.monotonic()
     w, starter, errors = h.start_worker_async(timeout=timeout)
@@ -116,6 +213,8 @@ def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> d
             cpu_first = cpu_seconds(w.proc.pid if w.proc else None)
             broker_cpu_first = cpu_seconds(h.broker_pid)
             log(f"first events ingested after {t_first - t_spawn:.1f}s ({count})")
+            if profiler is not None and w.proc is not None:
+                profiler.start(w.proc.pid)  # the steady state, not imports and start-up
         if count >= n_events:
             t_done = now
             break
@@ -134,6 +233,7 @@ def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> d
             t_drained, counters = time.monotonic(), c
             break
         time.sleep(poll_s)
+    profile = profiler.stop() if profiler is not None else None
     starter.join(timeout=5)
     if t_ready is None and not starter.is_alive() and not errors:
         t_ready = time.monotonic()
@@ -163,6 +263,8 @@ def worker_ingest(h: Harness, n_events: int, timeout: float, poll_s: float) -> d
         out["cpu_cores"] = round((cpu_done - cpu_first) / span, 2)
     if span and broker_cpu_first is not None and broker_cpu_done is not None:
         out["broker_cpu_cores"] = round((broker_cpu_done - broker_cpu_first) / span, 2)
+    if profile is not None:
+        out["profile"] = profile
     # a coarse timeline: about 20 points
     step = max(1, len(samples) // 20)
     out["timeline"] = samples[::step] + ([samples[-1]] if samples and (len(samples) - 1) % step else [])
@@ -199,7 +301,13 @@ def main(args: argparse.Namespace) -> dict:
                               decode=args.raw_decode, timeout=args.timeout)
             log(f"raw: {raw['messages_per_s']} msg/s, {raw['events_per_s']} events/s")
             result["raw"] = raw
-        worker = worker_ingest(h, n, args.timeout, args.poll)
+        if not args.no_noop:
+            log("no-op Faust agent: reading the events topic from the beginning")
+            noop = noop_agent(h, produced["messages"], n, args.timeout)
+            log(f"no-op agent: {noop['messages_per_s']} msg/s, {noop['events_per_s']} events/s")
+            result["noop_agent"] = noop
+        profiler = Profiler(Path(args.profile)) if args.profile else None
+        worker = worker_ingest(h, n, args.timeout, args.poll, profiler)
         log(f"worker: {worker['events_per_s']} events/s "
             f"(first event after {worker['time_to_first_event_s']}s)")
         result["worker"] = worker
@@ -208,6 +316,10 @@ def main(args: argparse.Namespace) -> dict:
             result["worker_log_tail"] = h.worker_log_tail(40).splitlines()
         raw_rate = result.get("raw", {}).get("events_per_s")
         result["ratio_worker_over_raw"] = ratio(worker["events_per_s"], raw_rate, 4)
+        noop_rate = result.get("noop_agent", {}).get("events_per_s")
+        result["ratio_worker_over_noop_agent"] = ratio(worker["events_per_s"], noop_rate, 3)
+        result["ratio_pipeline_over_noop_agent"] = ratio(worker["pipeline_events_per_s"],
+                                                         noop_rate, 3)
     return result
 
 
@@ -223,6 +335,11 @@ def parser() -> argparse.ArgumentParser:
                     help="give up on the worker (and raw consumer) after this many seconds")
     ap.add_argument("--poll", type=float, default=0.1, help="stats poll interval, seconds")
     ap.add_argument("--no-raw", action="store_true", help="skip the bare-consumer baseline")
+    ap.add_argument("--no-noop", action="store_true",
+                    help="skip the no-op Faust agent baseline (bench/noop_agent.py)")
+    ap.add_argument("--profile", metavar="DIR",
+                    help="sample the worker with py-spy (pip install py-spy) while it ingests; "
+                         "top functions go into the JSON, raw stacks into DIR")
     ap.add_argument("--raw-decode", action="store_true",
                     help="the bare consumer also JSON-decodes every message")
     add_common_args(ap, DEFAULT_PORT)

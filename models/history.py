@@ -51,17 +51,33 @@ class UserHistory:
     authors: dict = field(default_factory=dict)
     #: Event time the author counts were last decayed to.
     authors_at: float = 0.0
+    #: ``event_ids`` as a set, made at the first :meth:`is_duplicate` (not stored).
+    _id_set: Optional[set] = field(default=None, repr=False, compare=False)
 
     def is_duplicate(self, event_id: str) -> bool:
         """True if ``event_id`` was applied already; otherwise remember it.
 
         Kafka delivers at least once and replays repeat themselves; counting an
-        event twice would skew every counter built on it.
+        event twice would skew every counter built on it.  The last
+        :data:`MAX_EVENT_IDS` are remembered.
+
+        >>> h = UserHistory(event_ids=["e1"])
+        >>> h.is_duplicate("e1"), h.is_duplicate("e2"), h.is_duplicate("e2"), h.event_ids
+        (True, False, True, ['e1', 'e2'])
         """
-        if event_id in self.event_ids:
+        ids = self._id_set
+        if ids is None:
+            ids = self._id_set = set(self.event_ids)
+        if event_id in ids:
             return True
         self.event_ids.append(event_id)
-        del self.event_ids[:-MAX_EVENT_IDS]
+        ids.add(event_id)
+        if len(self.event_ids) > MAX_EVENT_IDS:
+            for old in self.event_ids[:-MAX_EVENT_IDS]:
+                ids.discard(old)
+            del self.event_ids[:-MAX_EVENT_IDS]
+            if len(ids) != len(self.event_ids):  # an id listed twice: the list decides
+                self._id_set = set(self.event_ids)
         return False
 
     def apply(self, item: str, event_type: str, ts: float, author: Optional[str] = None,
@@ -69,9 +85,13 @@ class UserHistory:
         self.events += 1
         _append_bounded(self.seen, item, MAX_SEEN)
         if event_type in POSITIVE_TYPES:
-            self.positives = [p for p in self.positives if p[0] != item]
-            self.positives.append([item, ts, author])
-            del self.positives[:-MAX_POSITIVES]
+            positives = self.positives
+            if positives and positives[-1][0] == item:  # a like after its click: most often
+                positives[-1] = [item, ts, author]
+            else:
+                self.positives = positives = [p for p in positives if p[0] != item]
+                positives.append([item, ts, author])
+                del positives[:-MAX_POSITIVES]
         elif event_type in NEGATIVE_TYPES:
             _append_bounded(self.negatives, item, MAX_NEGATIVES)
             self.positives = [p for p in self.positives if p[0] != item]
@@ -167,6 +187,8 @@ class UserHistory:
 
 
 def _append_bounded(items: list, item: str, bound: int) -> None:
+    if items and items[-1] == item:  # already the newest: nothing moves
+        return
     if item in items:
         items.remove(item)
     items.append(item)
