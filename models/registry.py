@@ -9,7 +9,10 @@ A registry record describes one version of one model::
      "history": [[t, state], ...], "moves": [{"at", "from", "to", "by", "reason"}, ...]}
 
 ``history`` keeps ``[time, state]`` pairs (serving reads them); ``moves`` says who
-or what moved the version and why.  ``hold``, on a live record, says that a
+or what moved the version and why.  ``rev`` counts the writes of the record: every
+write is a compare-and-set against the revision it was computed from
+(:func:`stamp`), so two writers cannot both build on the same record and lose one's
+change.  A ``canary`` carries ``traffic_share``, the share of users it serves.  ``hold``, on a live record, says that a
 rollback put it there: the trainer's gate may then register versions but not make
 them live, until an operator promotes one (:func:`release`).
 
@@ -91,6 +94,64 @@ class TransitionError(ValueError):
     """A deployment state change the rules do not allow."""
 
 
+class RegistryConflict(RuntimeError):
+    """A write computed from a revision of a record that is no longer the newest."""
+
+
+#: Share of users a canary serves when its record names none.
+DEFAULT_CANARY_SHARE = 0.05
+
+
+def revision(record: Optional[dict]) -> int:
+    """How many times the record was written (0: no record, or one from before revisions).
+
+    >>> revision(None), revision({"model": "m"}), revision({"rev": 3})
+    (0, 0, 3)
+    """
+    return int((record or {}).get("rev") or 0)
+
+
+def record_key(record: dict) -> str:
+    """The registry topic's key of a record."""
+    return f"{record['model']}/{record['version']}"
+
+
+def stamp(new: dict, current: Optional[dict], *, overwrite: bool = False) -> dict:
+    """``new`` with the revision after ``current`` (the newest record of its key, None for a
+    new version), once checked that it was computed from that revision: a record made
+    from another (:func:`moved`) carries the revision it was made from.  ``overwrite``
+    writes ``new`` whatever is there (a version published anew).
+
+    >>> v1 = {"model": "m", "version": "v", "rev": 1, "state": "registered"}
+    >>> stamp(moved(v1 | {"tier": "TIER2", "owner": "o"}, "shadow", by="ann"), v1)["rev"]
+    2
+    >>> v2 = {**v1, "state": "canary", "rev": 2, "moved_by": "bob"}
+    >>> stamp({**v1, "state": "retired"}, v2)
+    Traceback (most recent call last):
+    ...
+    models.registry.RegistryConflict: m v changed since it was read (revision 1, now 2: canary, moved by bob); read it again
+    >>> stamp({"model": "m", "version": "new"}, None)["rev"], stamp(v1, v2, overwrite=True)["rev"]
+    (1, 3)
+    """
+    if not overwrite and revision(new) != revision(current):
+        state = (current or {}).get("state", "absent")
+        who = f", moved by {current['moved_by']}" if current and current.get("moved_by") else ""
+        raise RegistryConflict(f"{new.get('model')} {new.get('version')} changed since it was "
+                               f"read (revision {revision(new)}, now {revision(current)}: "
+                               f"{state}{who}); read it again")
+    return {**new, "rev": revision(current) + 1}
+
+
+def traffic_share(record: dict) -> float:
+    """The share of users a canary serves (:data:`DEFAULT_CANARY_SHARE` when unnamed).
+
+    >>> traffic_share({"state": "canary", "traffic_share": 0.2}), traffic_share({})
+    (0.2, 0.05)
+    """
+    share = record.get("traffic_share")
+    return DEFAULT_CANARY_SHARE if share is None else float(share)
+
+
 def tier_of(name: str) -> Tier:
     """The tier called ``name``, or a ValueError that lists the known ones.
 
@@ -152,6 +213,11 @@ def validate_record(record: dict) -> dict:
     if record["tier"] not in TIERS:
         raise ValueError(f"registry record {name}: unknown tier {record['tier']!r} "
                          f"(known: {', '.join(TIERS)})")
+    share = record.get("traffic_share")
+    if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float))
+                              or not 0.0 < share <= 1.0):
+        raise ValueError(f"registry record {name}: traffic_share must be a number in (0, 1], "
+                         f"not {share!r}")
     return record
 
 
@@ -179,9 +245,10 @@ def check_transition(record: dict, new_state: str) -> None:
 
 
 def moved(record: dict, state: str, *, by: str, reason: str = "", at: Optional[float] = None,
-          **changes) -> dict:
+          evidence: Optional[dict] = None, **changes) -> dict:
     """A new record for ``record`` in ``state``, checked and validated, with the move
-    recorded.  A change whose value is None removes that field (e.g. ``hold=None``).
+    recorded (with ``evidence``, the figures that moved it, when given).  A change whose
+    value is None removes that field (e.g. ``hold=None``).
 
     >>> r = {"model": "m", "version": "v", "state": "registered", "tier": "TIER2",
     ...      "owner": "me", "history": [[1.0, "registered"]]}
@@ -197,10 +264,14 @@ def moved(record: dict, state: str, *, by: str, reason: str = "", at: Optional[f
     if state != LIVE:
         # A hold means "the live version stays until a promote": it leaves with live.
         new.pop("hold", None)
+    if state != CANARY:
+        new.pop("traffic_share", None)
     if state != record.get("state"):
         new["history"] = list(record.get("history", [])) + [[at, state]]
-    new["moves"] = list(record.get("moves", [])) + [
-        {"at": at, "from": record.get("state"), "to": state, "by": by, "reason": reason}]
+    move = {"at": at, "from": record.get("state"), "to": state, "by": by, "reason": reason}
+    if evidence is not None:
+        move["evidence"] = evidence
+    new["moves"] = list(record.get("moves", [])) + [move]
     return validate_record(new)
 
 

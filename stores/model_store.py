@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import hashlib
 import io
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
-from models.registry import (LIVE, RETIRED, ROLLED_BACK, hold_for_rollback, moved, release,
-                             validate_record)
+from models.registry import (LIVE, RETIRED, ROLLED_BACK, hold_for_rollback, moved,
+                             record_key, release, stamp, validate_record)
 from streams.kafka_config import client_config
 
 CHUNK_BYTES = 900_000
+#: Every registry writer uses this transactional id: a writer that starts fences the
+#: one before it (Kafka's transaction coordinator), so writes are serialised.
+REGISTRY_WRITER_ID = "streamrec.models.registry.writer"
 
 
 def split(blob: bytes, chunk_bytes: int = CHUNK_BYTES) -> list[bytes]:
@@ -100,17 +103,23 @@ class WeightAssembler:
 
 
 def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
-            keep_versions: int = 3) -> None:
+            keep_versions: int = 3, *, gate: bool = False) -> dict:
     """Write a version's chunks, then its manifest, then its registry record.
 
     The manifest goes last so readers never assemble a version with missing
     parts; the registry record goes after it so nobody is told to serve weights
     that are not there yet.  A record with state ``live`` retires the model's
-    other live versions (see :func:`retire_others`).  Versions beyond the newest
+    other live versions (see :func:`retired_by`).  Versions beyond the newest
     ``keep_versions`` are tombstoned (their weights leave the topic; their
     registry records stay, as history), except the live version and the one live
     before it (what a rollback returns to): versions the gate keeps registered
     must not push the served weights out.
+
+    The record and the retirements it causes are one registry write
+    (:func:`write_registry`); with ``gate`` the record is first passed through
+    :func:`models.registry.release` against the live version read in that write, so
+    a rollback's hold made a moment before is never missed.  Returns the record as
+    written.
     """
     import orjson
     from confluent_kafka import Producer
@@ -129,13 +138,11 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
         raise RuntimeError(f"{model} {version}: weight chunks not delivered")
     producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/manifest".encode(),
                      value=orjson.dumps(manifest_for(blob, len(parts))))
-    producer.produce(MODEL_REGISTRY, key=f"{model}/{version}".encode(), value=orjson.dumps(record))
     if producer.flush(30):
-        raise RuntimeError(f"{model} {version}: manifest or registry record not delivered")
+        raise RuntimeError(f"{model} {version}: manifest not delivered")
+    written = write_registry(bootstrap, lambda registry: published_records(
+        registry, record, gate=gate), overwrite=(record_key(record),))
     registry = read_registry(bootstrap)
-    if record.get("state") == "live":
-        registry.update((f"{r['model']}/{r['version']}", r)
-                        for r in retire_others(bootstrap, registry, record))
     keep = protected_versions(registry, model)
     for old_version, old_parts in published_versions(bootstrap, model)[:-keep_versions]:
         if old_version in keep:
@@ -145,7 +152,29 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
                              value=None)
         producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/manifest".encode(), value=None)
     producer.flush(30)
+    return written[0]
 
+
+def published_records(registry: dict[str, dict], record: dict, *, gate: bool = False) -> list[dict]:
+    """What publishing ``record`` writes, given the registry now: the record (passed
+    through :func:`models.registry.release` with ``gate``), then, when it is live, every
+    other live version of its model retired.
+
+    >>> reg = {"m/v1": {"model": "m", "version": "v1", "state": "live", "tier": "TIER2",
+    ...                 "owner": "o", "rev": 4, "hold": {"reason": "rollback of v0"}}}
+    >>> new = {"model": "m", "version": "v2", "state": "live", "tier": "TIER2", "owner": "o"}
+    >>> [(r["version"], r["state"]) for r in published_records(reg, new, gate=True)]
+    [('v2', 'registered')]
+    >>> [(r["version"], r["state"], r.get("rev")) for r in published_records(reg, new)]
+    [('v2', 'live', None), ('v1', 'retired', 4)]
+    """
+    if gate:
+        live = live_records(registry, record["model"])
+        record = release(record, live[-1] if live else None)
+    out = [validate_record(record)]
+    if record.get("state") == LIVE:
+        out += retired_by(registry, record)
+    return out
 
 def publish_candidate(bootstrap: str, model: str, version: str, blob: bytes,
                       record: dict) -> dict:
@@ -155,10 +184,7 @@ def publish_candidate(bootstrap: str, model: str, version: str, blob: bytes,
     rollback holds the model, or when its tier needs an operator's approval
     (:func:`models.registry.release`).
     """
-    live = live_records(read_registry(bootstrap), model)
-    record = release(record, live[-1] if live else None)
-    publish(bootstrap, model, version, blob, record)
-    return record
+    return publish(bootstrap, model, version, blob, record, gate=True)
 
 
 def live_since(record: dict) -> float:
@@ -204,11 +230,10 @@ def protected_versions(registry: dict[str, dict], model: str) -> set[str]:
     return keep | ({previous["version"]} if previous else set())
 
 
-def retire_others(bootstrap: str, registry: dict[str, dict], record: dict) -> list[dict]:
-    """Mark every other live version of ``record``'s model ``retired``: one version is live."""
-    return [set_state(bootstrap, r, "retired", by="registry",
-                      reason=f"replaced by {record['version']}", retired_by=record["version"],
-                      hold=None)
+def retired_by(registry: dict[str, dict], record: dict) -> list[dict]:
+    """Every other live version of ``record``'s model, ``retired``: one version is live."""
+    return [moved(r, RETIRED, by="registry", reason=f"replaced by {record['version']}",
+                  retired_by=record["version"], hold=None)
             for r in live_records(registry, record["model"]) if r["version"] != record["version"]]
 
 
@@ -221,66 +246,102 @@ def _current(registry: dict[str, dict], record: dict) -> dict:
     return registry[key]
 
 
-def promote(bootstrap: str, record: dict, by: str = "operator") -> dict:
-    """Make ``record``'s version live (an operator's decision) and retire the one it replaces.
+def promote(bootstrap: str, record: dict, by: str = "operator", *, to: str = LIVE,
+            traffic_share: Optional[float] = None) -> dict:
+    """Make ``record``'s version live (an operator's decision) and retire the one it replaces;
+    or, with ``to``, move it to ``shadow`` or ``canary`` (``traffic_share`` of the users).
 
-    Promoting clears a rollback's hold; promoting the held live version itself only
-    clears the hold.
+    Promoting to live clears a rollback's hold; promoting the held live version itself
+    only clears the hold.  Decided and written in one registry write, on the registry
+    as it is then.
     """
-    import time
-    registry = read_registry(bootstrap)
-    record = _current(registry, record)
+    from models.registry import CANARY, state_name
+    to = state_name(to)
     if record["version"] not in dict(published_versions(bootstrap, record["model"])):
         raise RuntimeError(f"{record['model']} {record['version']}: its weights are no longer "
                            f"published")
-    if record["state"] == LIVE:
-        if not record.get("hold"):
-            raise RuntimeError(f"{record['model']} {record['version']} is already live")
-        return set_state(bootstrap, record, LIVE, by=by,
-                         reason=f"promoted by {by}: {record['hold'].get('reason')} released",
-                         promoted=time.time(), hold=None)
-    # Marked, so the registry tells an operator's choice from the gate's.
-    new = set_state(bootstrap, record, LIVE, by=by, reason=f"promoted by {by}",
-                    promoted=time.time(), hold=None)
-    retire_others(bootstrap, read_registry(bootstrap), new)
-    return new
+
+    def change(registry: dict[str, dict]) -> list[dict]:
+        import time
+        current = _current(registry, record)
+        if to != LIVE:
+            if current["state"] == LIVE:
+                raise RuntimeError(f"{current['model']} {current['version']} is live: it cannot "
+                                   f"go back to {to}")
+            if current["state"] == to and (to != CANARY or traffic_share is None):
+                raise RuntimeError(f"{current['model']} {current['version']} is already {to}")
+            share = {"traffic_share": traffic_share} if to == CANARY and traffic_share else {}
+            what = f"{to} ({share['traffic_share']:.0%} of users)" if share else to
+            return [moved(current, to, by=by, reason=f"{what} by {by}", **share)]
+        if current["state"] == LIVE:
+            if not current.get("hold"):
+                raise RuntimeError(f"{current['model']} {current['version']} is already live")
+            return [moved(current, LIVE, by=by,
+                          reason=f"promoted by {by}: {current['hold'].get('reason')} released",
+                          promoted=time.time(), hold=None)]
+        # Marked, so the registry tells an operator's choice from the gate's.
+        new = moved(current, LIVE, by=by, reason=f"promoted by {by}", promoted=time.time(),
+                    hold=None)
+        return [new] + retired_by(registry, new)
+
+    return write_registry(bootstrap, change)[0]
 
 
-def rollback(bootstrap: str, model: str, by: str = "operator") -> tuple[dict, dict]:
+def rollback(bootstrap: str, model: str, by: str = "operator", *, reason: str = "",
+             evidence: Optional[dict] = None,
+             expect_live: Optional[str] = None) -> tuple[dict, dict]:
     """Put the previously live version back live and mark the current one ``rolled_back``.
 
     Returns (rolled back, now live).  The previous version must still have its
     weights.  The version put back holds the rollback: the trainer's gate registers
-    its versions but makes none live until someone promotes one.
+    its versions but makes none live until someone promotes one.  Both records are
+    one registry write (the version put back first, so serving never falls back to
+    no model); ``reason`` and ``evidence`` say why (an automatic rollback's figures).
+    With ``expect_live`` the rollback happens only while that version is the live one
+    (else :class:`models.registry.RegistryConflict`): an automatic rollback judged on
+    one version never takes back another.
     """
-    import time
-    registry = read_registry(bootstrap)
-    current = live_records(registry, model)
-    previous = previous_live(registry, model)
-    if not current or previous is None:
-        raise RuntimeError(f"nothing to roll back to: {model} has no earlier live version")
-    if previous["version"] not in dict(published_versions(bootstrap, model)):
-        raise RuntimeError(f"{model} {previous['version']}: its weights are no longer published")
-    newest = current[-1]["version"]
-    # The previous version goes live first, so serving never falls back to no model.
-    back = set_state(bootstrap, previous, LIVE, by=by, reason=f"rollback of {newest} by {by}",
-                     hold=hold_for_rollback(newest, time.time(), by))
-    gone = [set_state(bootstrap, r, ROLLED_BACK, by=by,
-                      reason=f"rolled back to {back['version']} by {by}", hold=None)
-            for r in current if r["version"] != back["version"]]
-    return gone[-1], back
+    published = dict(published_versions(bootstrap, model))
+
+    def change(registry: dict[str, dict]) -> list[dict]:
+        import time
+        current = live_records(registry, model)
+        previous = previous_live(registry, model)
+        if not current or previous is None:
+            raise RuntimeError(f"nothing to roll back to: {model} has no earlier live version")
+        if previous["version"] not in published:
+            raise RuntimeError(f"{model} {previous['version']}: its weights are no longer "
+                               f"published")
+        newest = current[-1]["version"]
+        if expect_live is not None and newest != expect_live:
+            from models.registry import RegistryConflict
+            raise RegistryConflict(f"{model}: {expect_live} is no longer live ({newest} is)")
+        why = f": {reason}" if reason else ""
+        back = moved(previous, LIVE, by=by, reason=f"rollback of {newest} by {by}{why}",
+                     hold=hold_for_rollback(newest, time.time(), by), evidence=evidence)
+        gone = [moved(r, ROLLED_BACK, by=by,
+                      reason=f"rolled back to {back['version']} by {by}{why}", hold=None,
+                      evidence=evidence)
+                for r in current if r["version"] != back["version"]]
+        return [back] + gone
+
+    written = write_registry(bootstrap, change)
+    return written[-1], written[0]
 
 
 def retire(bootstrap: str, record: dict, by: str = "operator") -> dict:
     """Take a version out of use for good: it will not be promoted by accident.  A live
     version is refused (serving would lose its model): promote another or roll back."""
-    record = _current(read_registry(bootstrap), record)
-    if record["state"] == LIVE:
-        raise RuntimeError(f"{record['model']} {record['version']} is live: promote another "
-                           f"version or roll back before retiring it")
-    if record["state"] == RETIRED:
-        raise RuntimeError(f"{record['model']} {record['version']} is already retired")
-    return set_state(bootstrap, record, RETIRED, by=by, reason=f"retired by {by}")
+    def change(registry: dict[str, dict]) -> list[dict]:
+        current = _current(registry, record)
+        if current["state"] == LIVE:
+            raise RuntimeError(f"{current['model']} {current['version']} is live: promote "
+                               f"another version or roll back before retiring it")
+        if current["state"] == RETIRED:
+            raise RuntimeError(f"{current['model']} {current['version']} is already retired")
+        return [moved(current, RETIRED, by=by, reason=f"retired by {by}")]
+
+    return write_registry(bootstrap, change)[0]
 
 
 def published_versions(bootstrap: str, model: str) -> list[tuple[str, int]]:
@@ -300,35 +361,112 @@ def published_versions(bootstrap: str, model: str) -> list[tuple[str, int]]:
     return sorted(manifests.items())
 
 
-def read_registry(bootstrap: str) -> dict[str, dict]:
-    """The latest registry record per model/version."""
+def read_registry(bootstrap: str, timeout: float = 30.0) -> dict[str, dict]:
+    """The latest committed registry record per model/version.
+
+    Registry writes are transactions (:func:`write_registry`), so the topic holds
+    commit markers beside the records: the read ends when the consumer's position
+    reaches the end offset, not when a record at the last offset arrives.
+    """
+    import time
+
     import orjson
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
     from schemas.topics import MODEL_REGISTRY
-    from stores.topic_reader import read_to_end
+    consumer = Consumer(client_config(bootstrap, {
+        "group.id": "streamrec-registry-reader", "enable.auto.commit": False,
+        "isolation.level": "read_committed"}))
     records: dict[str, dict] = {}
-    for msg in read_to_end(bootstrap, MODEL_REGISTRY):
-        if msg.value() is None:
-            records.pop(msg.key().decode(), None)
-        else:
-            records[msg.key().decode()] = orjson.loads(msg.value())
+    try:
+        meta = consumer.list_topics(MODEL_REGISTRY, timeout=10).topics[MODEL_REGISTRY]
+        if meta.error is not None:
+            raise RuntimeError(f"topic {MODEL_REGISTRY!r}: {meta.error}; run 'streamrec topics "
+                               f"create'")
+        ends = {}
+        for p in meta.partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(MODEL_REGISTRY, p),
+                                                       timeout=10)
+            if high > low:
+                ends[p] = high
+        consumer.assign([TopicPartition(MODEL_REGISTRY, p, OFFSET_BEGINNING) for p in ends])
+        deadline = time.monotonic() + timeout
+        while ends:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {MODEL_REGISTRY!r}: not read to its end within "
+                                   f"{timeout:g} s")
+            for msg in consumer.consume(1000, timeout=0.2):
+                if msg.error():
+                    continue
+                if msg.value() is None:
+                    records.pop(msg.key().decode(), None)
+                else:
+                    records[msg.key().decode()] = orjson.loads(msg.value())
+            for tp in consumer.position([TopicPartition(MODEL_REGISTRY, p) for p in list(ends)]):
+                if tp.offset >= ends[tp.partition]:
+                    del ends[tp.partition]
+    finally:
+        consumer.close()
     return records
 
 
+def write_registry(bootstrap: str, change: Callable[[dict[str, dict]], list[dict]], *,
+                   overwrite: tuple = (), attempts: int = 6, timeout: float = 30.0) -> list[dict]:
+    """Write the records ``change`` computes from the registry, as a compare-and-set.
+
+    Every writer uses one transactional id (:data:`REGISTRY_WRITER_ID`): starting it
+    fences the writer before (whose commit then fails) and waits until that one's
+    transaction has ended.  Then the registry is read (committed records only), ``change``
+    computes the new records from it, each is stamped with the next revision, checked to
+    be made from the newest one (:func:`models.registry.stamp`; keys in ``overwrite``
+    are written whatever is there), and all are committed in one transaction.  A writer
+    fenced on the way starts again from a fresh read, so no concurrent update is lost;
+    a record made from a stale copy raises :class:`models.registry.RegistryConflict`.
+    Errors of ``change`` (a move the rules refuse) go to the caller; nothing is written.
+    Returns the records as written.
+    """
+    import time
+
+    import orjson
+    from confluent_kafka import KafkaException, Producer
+
+    from schemas.topics import MODEL_REGISTRY
+    last: Exception = RuntimeError("no attempt made")
+    for attempt in range(attempts):
+        producer = Producer(client_config(bootstrap, {
+            "transactional.id": REGISTRY_WRITER_ID, "transaction.timeout.ms": 10_000}))
+        try:
+            producer.init_transactions(timeout)
+            registry = read_registry(bootstrap, timeout)
+            written = [stamp(validate_record(r), registry.get(record_key(r)),
+                             overwrite=record_key(r) in overwrite) for r in change(registry)]
+            producer.begin_transaction()
+            for r in written:
+                producer.produce(MODEL_REGISTRY, key=record_key(r).encode(), value=orjson.dumps(r))
+            producer.commit_transaction(timeout)
+            return written
+        except KafkaException as exc:
+            last = exc
+            error = exc.args[0] if exc.args else None
+            if error is not None and error.txn_requires_abort():
+                try:
+                    producer.abort_transaction(timeout)
+                except KafkaException:
+                    pass
+            time.sleep(min(0.05 * 2 ** attempt, 1.0))
+    raise RuntimeError(f"registry write failed after {attempts} attempts: {last}")
+
+
 def set_state(bootstrap: str, record: dict, state: str, *, by: str = "operator",
-              reason: str = "", **changes) -> dict:
+              reason: str = "", evidence: Optional[dict] = None, **changes) -> dict:
     """Write a new registry record for a version in another deployment state (or the
     same state with other fields: a hold cleared).  The move must be allowed
     (:func:`models.registry.check_transition`) and the record valid; who moved it and
-    why are recorded.  A change whose value is None removes that field."""
-    import orjson
-    from confluent_kafka import Producer
+    why are recorded.  A change whose value is None removes that field.
 
-    from schemas.topics import MODEL_REGISTRY
-    new = moved(record, state, by=by, reason=reason, **changes)
-    producer = Producer(client_config(bootstrap))
-    producer.produce(MODEL_REGISTRY, key=f"{record['model']}/{record['version']}".encode(),
-                     value=orjson.dumps(new))
-    if producer.flush(10):
-        raise RuntimeError("registry record not delivered")
-    return new
+    ``record`` is the copy the caller read: the write is a compare-and-set against
+    it, so a record someone changed since raises
+    :class:`models.registry.RegistryConflict` instead of being overwritten.
+    """
+    return write_registry(bootstrap, lambda registry: [
+        moved(record, state, by=by, reason=reason, evidence=evidence, **changes)])[0]

@@ -26,6 +26,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from models.funnel import DEFAULT_CONFIG, FunnelConfig
+from models.launch import PRODUCTION, LaunchPlan, launch_plan, route
 from models.trending import merge_snapshots
 from schemas.topics import (AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, MODEL_REGISTRY, MODEL_WEIGHTS,
                             PREGEN, TRENDING_SNAPSHOTS)
@@ -80,6 +81,10 @@ class SharedItemView:
         self.registry: dict[str, dict] = {}
         #: The scorer serving uses: the registry's live version, if its weights are here.
         self.scorer = None
+        #: Who serves whom (:mod:`models.launch`): canaries and shadows of the live model,
+        #: and their scorers, (model, version) -> ModelScorer.
+        self.launch = LaunchPlan()
+        self.trial_scorers: dict[tuple[str, str], object] = {}
         #: Item tower vectors of the live version (see refresh_tower_index).
         self.tower_index = None
         self.tower_refreshed = 0
@@ -259,6 +264,7 @@ class SharedItemView:
             # Back to the cold-start path: blended scores and the pre-generated space.
             self.scorer = None
             self.tower_index = None
+            self._choose_trials()
             return
         chosen = max(ready, key=live_since)
         model, version = chosen["model"], chosen["version"]
@@ -267,6 +273,30 @@ class SharedItemView:
             scorer = ModelScorer(self.models[(model, version)], model, version)
             self.refresh_tower_index(scorer)
             self.scorer = scorer
+        self._choose_trials()
+
+    def _choose_trials(self) -> None:
+        """The canaries and shadows beside the live version (:func:`models.launch.launch_plan`),
+        with a scorer each; a version that leaves its trial stops at once."""
+        from models.scoring import ModelScorer
+        plan = launch_plan(list(self.registry.values()), set(self.models))
+        if self.scorer is None or plan.production != (self.scorer.model, self.scorer.version):
+            plan = LaunchPlan()
+        keys = [k for k, _ in plan.canaries] + list(plan.shadows)
+        self.trial_scorers = {k: self.trial_scorers.get(k) or ModelScorer(self.models[k], *k)
+                              for k in keys}
+        self.launch = plan
+
+    def route(self, user_id: str):
+        """(scorer, role, shadow scorers) for one request (:func:`models.launch.route`):
+        the live version's scorer for everyone but a canary's users."""
+        plan, trials = self.launch, self.trial_scorers
+        chosen = route(plan, user_id)
+        scorer = trials.get(chosen.serve) if chosen.role != PRODUCTION else None
+        shadows = [trials[k] for k in chosen.shadows if k in trials]
+        if scorer is None:
+            return self.scorer, PRODUCTION, shadows
+        return scorer, chosen.role, shadows
 
     def refresh_tower_index(self, scorer, min_change: float = 1e-3) -> int:
         """Put the new version's item-tower vectors into the tower ANN index.
@@ -363,7 +393,13 @@ class SharedItemView:
                     tp = (msg.topic(), msg.partition())
                     if tp in pending and msg.offset() >= high[tp] - 1:
                         pending.discard(tp)
-                        if not pending:
-                            self._caught_up.set()
+                if pending:
+                    # The registry is written in transactions: its last offset may be a
+                    # commit marker, which is never delivered but moves the position.
+                    for tp in consumer.position([TopicPartition(t, p) for t, p in pending]):
+                        if tp.offset >= high[(tp.topic, tp.partition)]:
+                            pending.discard((tp.topic, tp.partition))
+                if not pending and not self._caught_up.is_set():
+                    self._caught_up.set()
         finally:
             consumer.close()

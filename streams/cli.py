@@ -201,6 +201,46 @@ def _one_version(records: list[dict], model, version: str) -> dict:
     return match[0]
 
 
+def _promote(bootstrap: str, records: list[dict], args) -> tuple[dict, str]:
+    """One step of a launch: registered -> shadow -> canary -> live (``--to``, default
+    live), with what the step means for traffic and the next step."""
+    from models import registry
+    from models.launch import share_text
+    from stores import model_store
+    to = registry.state_name(args.to or "live")
+    if args.share is not None and to != registry.CANARY:
+        raise ValueError("--share is for --to canary only")
+    if to not in (registry.SHADOW, registry.CANARY, registry.LIVE):
+        raise ValueError(f"--to {args.to}: promote steps to shadow, canary or production; "
+                         f"use retire or rollback to take a version out")
+    before = _one_version(records, args.model, args.version)
+    live_before = [r["version"] for r in records
+                   if r["model"] == before["model"] and r["state"] == registry.LIVE
+                   and r["version"] != before["version"]]
+    new = model_store.promote(bootstrap, before, to=to, traffic_share=args.share)
+    name = f"{new['model']} {new['version']}"
+    cmd = f"streamrec models promote --model {new['model']} --version {new['version']}"
+    production = ", ".join(live_before) or "no live version: nothing is tried on traffic"
+    if to == registry.SHADOW:
+        lines = [f"{name}: {before['state']} -> shadow",
+                 f"  scores every request beside production ({production}); its predictions "
+                 f"are logged tagged shadow, never served",
+                 f"  next: {cmd} --to canary --share 0.05"]
+    elif to == registry.CANARY:
+        share = share_text(registry.traffic_share(new))
+        lines = [f"{name}: {before['state']} -> canary ({share} of users)",
+                 f"  serves {share} of users, chosen by a hash of the user id; everyone else "
+                 f"gets production ({production})",
+                 f"  next: {cmd}   (to production)"]
+    else:
+        lines = [f"{name}: {before['state']} -> live ({new['reason']})",
+                 f"{name} is live" + (f"; {', '.join(live_before)} retired"
+                                      if live_before and before["state"] != registry.LIVE else "")]
+    if to != registry.LIVE:
+        lines.append(f"  the stability monitor rolls it back if it breaks its {new['tier']} SLO")
+    return new, "\n".join(lines)
+
+
 def cmd_models(args) -> int:
     from models import registry
     from stores import model_store
@@ -230,8 +270,7 @@ def cmd_models(args) -> int:
         message = (f"{gone['model']} {gone['version']} rolled back; serving {back['version']}, "
                    f"held: the trainer registers new versions until one is promoted")
     elif args.action == "promote":
-        new = model_store.promote(bootstrap, _one_version(records, args.model, args.version))
-        result, message = new, f"{new['model']} {new['version']} is live ({new['reason']})"
+        result, message = _promote(bootstrap, records, args)
     else:  # retire
         new = model_store.retire(bootstrap, _one_version(records, args.model, args.version))
         result, message = new, f"{new['model']} {new['version']} is retired"
@@ -341,13 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("action", choices=["list", "show", "promote", "rollback", "retire"],
                     help="list: versions as a table; show: a model's versions, or with "
                          "--version one version in full; promote: make --version live (clears "
-                         "a rollback's hold); rollback: back to the version live before, held "
+                         "a rollback's hold), or with --to shadow|canary a launch step; "
+                         "rollback: back to the version live before, held "
                          "until a promote; retire: take --version out of use")
     md.add_argument("--version", help="the version to show, promote or retire")
     md.add_argument("--model", help="only this model (needed when the registry has several)")
     md.add_argument("--tier", help="only this tier (TIER0 most critical .. TIER4)")
     md.add_argument("--state", help="only this state (registered, shadow, canary, live or "
                                     "production, retired, rolled_back)")
+    md.add_argument("--to", help="promote: the step, shadow, canary or production (default)")
+    md.add_argument("--share", type=float, help="promote --to canary: the share of users it "
+                                                "serves, in (0, 1] (default 0.05)")
     md.add_argument("--json", action="store_true", help="records as JSON")
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)

@@ -47,15 +47,22 @@ served_scores: "OrderedDict[tuple, dict]" = OrderedDict()
 SERVED_CACHE = 50_000
 
 
-def remember_served(request_id: str, items, model: str = "", predictions=()) -> None:
+def remember_served(request_id: str, items, model: str = "", predictions=(),
+                    shadows=()) -> None:
     """Keep what serving knew about each item it served, for the impression's example:
-    the retrieval scores, and the model's head probabilities when a model ranked it."""
+    the retrieval scores, and the model's head probabilities when a model ranked it.
+    ``shadows``: (model, predictions) of versions that scored the request in shadow; the
+    example carries theirs too (``predicted["shadow"]``), for the stability monitor."""
     predicted = {item: probs for item, _stage, probs in predictions}
+    beside = [(name, {item: probs for item, _stage, probs in preds}) for name, preds in shadows]
     for item in items:
         probs = predicted.get(item.item_id)
-        served_scores[(request_id, item.item_id)] = (
-            item.source_scores,
-            {"model": model, "probs": dict(zip(HEADS, probs))} if probs is not None else None)
+        record = {"model": model, "probs": dict(zip(HEADS, probs))} if probs is not None else None
+        shadow = [{"model": name, "probs": dict(zip(HEADS, by_item[item.item_id]))}
+                  for name, by_item in beside if item.item_id in by_item]
+        if record is not None and shadow:
+            record["shadow"] = shadow
+        served_scores[(request_id, item.item_id)] = (item.source_scores, record)
     while len(served_scores) > SERVED_CACHE:
         served_scores.popitem(last=False)
 

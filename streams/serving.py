@@ -3,7 +3,9 @@
 Requests are keyed by user id, so they arrive on the partition that holds the
 user's history; item-side state comes from the shared view.  The funnel itself
 is :func:`models.funnel.recommend`; this agent only decodes, calls it, replies
-and counts.
+and counts.  Which version answers is :func:`models.launch.route`'s choice (the live
+one, or a canary for its share of users); versions in shadow score the served items
+after the reply is sent, and their predictions are logged tagged ``shadow``.
 
 A request whose deadline has passed when it is read is not worked on
 (``requests_expired``): its client has stopped waiting, and after an outage
@@ -16,8 +18,9 @@ import time
 
 import orjson
 
-from models.funnel import recommend
+from models.funnel import Candidate, recommend
 from models.history import UserHistory
+from models.sources import RetrievalContext
 from schemas.events import SchemaError, decode_json
 from schemas.requests import RecommendationReply, RecommendationRequest, parse_request
 from models.features import HEADS
@@ -41,6 +44,26 @@ async def serve(stream):
         # One bad request must never stop serving for everyone else; its client's
         # deadline ends it (a request that fails validation is answered with the error).
         await guarded("serve", lambda events: serve_one(events[0]), [event], Policy.DROP)
+
+
+def shadow_predictions(shadows, req: RecommendationRequest, history: UserHistory, reply,
+                       now: float) -> list:
+    """(``model:version``, predictions) of each shadow version for the items served: their
+    head probabilities at the positions shown, as the served version logs its own, so
+    the labels measure both alike.  A shadow that fails is counted, never in the way."""
+    if not shadows or not reply.items:
+        return []
+    ctx = RetrievalContext(req.surface, history, view, now, user_id=req.user_id)
+    served = [Candidate(i.item_id, i.score, i.author_id, dict(i.source_scores or {}))
+              for i in reply.items]
+    out = []
+    for scorer in shadows:
+        try:
+            out.append((f"{scorer.model}:{scorer.version}",
+                        scorer.served_predictions(ctx, req.request_id, served)))
+        except Exception:  # a broken candidate must not cost production anything
+            metrics.counters["shadow_errors"] += 1
+    return out
 
 
 def expired(req: RecommendationRequest, now: float) -> bool:
@@ -88,19 +111,31 @@ async def serve_one(event) -> None:
         return
     history = UserHistory.from_dict(user_history.get(req.user_id))
     predictions: list = []
+    # The live version, or a canary for its share of users (models/launch.py).
+    scorer, role, shadows = view.route(req.user_id)
     reply = recommend(req, history, view, config=view.funnel_config(req.surface),
-                      scorer=view.scorer, predictions=predictions)
+                      scorer=scorer, predictions=predictions)
     # The reply first: the client is waiting; the bookkeeping is not.
     await replies_topic.send(key=req.request_id.encode(), value=reply.to_json(),
                              partition=req.reply_partition)
-    labels.remember_served(req.request_id, reply.items, reply.model_versions.get("ranker", ""),
-                           predictions)
+    served_by = reply.model_versions.get("ranker", "")
+    beside = shadow_predictions(shadows, req, history, reply, received) if served_by else []
+    labels.remember_served(req.request_id, reply.items, served_by, predictions, beside)
     if predictions:
         # One message per request: the heads' probabilities of every item the model scored.
         await predictions_topic.send(key=req.user_id.encode(), value=orjson.dumps({
             "request_id": req.request_id, "user_id": req.user_id, "surface": req.surface,
-            "model": reply.model_versions["ranker"], "ts": received,
+            "model": served_by, "role": role, "served": True, "ts": received,
             "heads": list(HEADS), "items": predictions}))
+        if role != "production":
+            metrics.counters[f"requests_served_{role}"] += 1
+    for name, items in beside:
+        # What the shadow would have predicted for the served items: logged, never served.
+        await predictions_topic.send(key=req.user_id.encode(), value=orjson.dumps({
+            "request_id": req.request_id, "user_id": req.user_id, "surface": req.surface,
+            "model": name, "role": "shadow", "served": False, "beside": served_by,
+            "ts": received, "heads": list(HEADS), "items": items}))
+        metrics.counters["shadow_predictions"] += 1
     metrics.counters["requests_served"] += 1
     if reply.fallback:
         metrics.counters["fallbacks"] += 1

@@ -11,13 +11,17 @@ and windows for every one of them grew without end.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import time
 from typing import Callable
 
 import orjson
 
 from models.labels import HEADS
-from models.registry import TIERS, slo_for, watched_versions
+from models.launch import Verdict, judge
+from models.registry import ROLLED_BACK, RegistryConflict, TIERS, slo_for, watched_versions
 from models.stability import StabilityMonitor, violations
 from schemas.topics import ALERTS, STABILITY, TRAINING_EXAMPLES
 from streams import metrics
@@ -25,10 +29,18 @@ from streams.app import app
 from streams.view import view
 
 REPORT_INTERVAL_S = 10.0
+#: A version on trial is taken back automatically when it breaks its tier's SLO on at
+#: least this many labels of a head (``STREAMREC_LAUNCH_MIN_EXAMPLES``); ``STREAMREC_AUTO_ROLLBACK=0``
+#: only alerts.  A live version is on probation for ``STREAMREC_LAUNCH_PROBATION_S``.
+LAUNCH_MIN_EXAMPLES = int(os.environ.get("STREAMREC_LAUNCH_MIN_EXAMPLES", "200"))
+AUTO_ROLLBACK = os.environ.get("STREAMREC_AUTO_ROLLBACK", "1") not in ("0", "false", "no")
+PROBATION_S = float(os.environ.get("STREAMREC_LAUNCH_PROBATION_S", "3600"))
+BY = "stability monitor"
+log = logging.getLogger(__name__)
 examples_topic = app.topic(TRAINING_EXAMPLES)
 stability_topic = app.topic(STABILITY)
 alerts_topic = app.topic(ALERTS)
-latest: dict = {"report": {}, "alerts": [], "at": None}
+latest: dict = {"report": {}, "alerts": [], "at": None, "rollbacks": []}
 
 
 def watch_filter(records) -> Callable[[str], bool]:
@@ -106,13 +118,18 @@ async def watch(stream):
         watched = _watched()
         for record in orjson.loads(value):
             predicted = record.get("predicted")
-            if predicted and isinstance(predicted.get("probs"), dict):
-                model = predicted.get("model", "?")
+            if not (predicted and isinstance(predicted.get("probs"), dict)):
+                continue
+            # The version that served the item, then those that scored it in shadow.
+            for scored in [predicted] + list(predicted.get("shadow") or []):
+                model = scored.get("model", "?")
+                if not isinstance(scored.get("probs"), dict):
+                    continue
                 if not watched(model):
                     # Late labels of a retired version must not bring its window back.
                     metrics.counters["stability_examples_unwatched"] += 1
                     continue
-                monitor.update(model, record.get("labels", {}), predicted["probs"])
+                monitor.update(model, record.get("labels", {}), scored["probs"])
                 metrics.counters["stability_examples"] += 1
 
 
@@ -133,3 +150,54 @@ async def publish_stability() -> None:
         await alerts_topic.send(key=key.encode(), value=orjson.dumps({**alert, "at": latest["at"]}),
                                 partition=0)
     metrics.counters["alerts_raised"] += len(alerts)
+    if AUTO_ROLLBACK:
+        await take_back(records, report)
+
+
+def act(bootstrap: str, record: dict, verdict: Verdict) -> dict:
+    """Carry out a verdict (:func:`models.launch.judge`): a shadow or canary is rolled back
+    (its users return to the live version at once), a live version on probation is
+    rolled back to the version before, which holds until an operator promotes.  The
+    evidence goes into the registry with the move.  ``record`` is the monitor's copy:
+    the write is a compare-and-set, so a version someone moved since is left alone."""
+    from stores import model_store
+    if verdict.action == "roll_back_live":
+        gone, back = model_store.rollback(bootstrap, verdict.model, by=BY, reason=verdict.reason,
+                                          evidence=verdict.evidence, expect_live=verdict.version)
+        return gone
+    return model_store.set_state(bootstrap, record, ROLLED_BACK, by=BY,
+                                 reason=f"rolled back by the {BY}: {verdict.reason}",
+                                 evidence=verdict.evidence)
+
+
+async def take_back(records: list, report: dict) -> list:
+    """Roll back every version on trial that breaks its SLO (:func:`models.launch.judge`)."""
+    from streams.settings import settings
+    by_key = {f"{r['model']}:{r['version']}": r for r in records}
+    done = []
+    for verdict in judge(records, report, time.time(), min_examples=LAUNCH_MIN_EXAMPLES,
+                         probation_s=PROBATION_S):
+        record = by_key[f"{verdict.model}:{verdict.version}"]
+        try:
+            moved = await asyncio.get_running_loop().run_in_executor(
+                None, act, settings.bootstrap, record, verdict)
+        except RegistryConflict as exc:
+            # Moved by someone else since the view read it: judged again next time.
+            log.info("automatic rollback of %s %s skipped: %s", verdict.model, verdict.version,
+                     exc)
+            continue
+        except Exception as exc:
+            metrics.counters["automatic_rollbacks_failed"] += 1
+            log.warning("automatic rollback of %s %s failed: %s", verdict.model,
+                        verdict.version, exc)
+            continue
+        metrics.counters["automatic_rollbacks"] += 1
+        log.warning("%s %s rolled back automatically: %s", verdict.model, verdict.version,
+                    verdict.reason)
+        # Its window goes: the version is no longer watched.
+        monitor._models.pop(f"{verdict.model}:{verdict.version}", None)
+        entry = {"model": verdict.model, "version": verdict.version, "from": verdict.state,
+                 "reason": verdict.reason, "at": time.time(), "rev": moved.get("rev")}
+        latest["rollbacks"] = (latest["rollbacks"] + [entry])[-20:]
+        done.append(entry)
+    return done

@@ -1,0 +1,251 @@
+"""Launching a model version on real traffic: who is served by which version, and when
+a version on trial is taken back.  Pure: no Kafka, no torch (``stores/shared_view.py``
+keeps the scorers, ``streams/serving.py`` and ``streams/stability.py`` are the glue).
+
+A model's versions serve in three roles:
+
+- **production**: the ``live`` version; it answers everyone not routed elsewhere.
+- **canary**: a ``canary`` version answers a share of the users (its record's
+  ``traffic_share``), chosen by a hash of the user id, so a user keeps the same
+  version from request to request.  The hash is salted with the model's name only:
+  raising a canary's share keeps the users it already had.
+- **shadow**: a ``shadow`` version scores every request beside the version that
+  answers it; its predictions are logged (tagged ``shadow``), never served.
+
+>>> records = [
+...     {"model": "r", "version": "p1", "state": "live", "tier": "TIER2", "history": [[1, "live"]]},
+...     {"model": "r", "version": "c1", "state": "canary", "traffic_share": 0.25, "tier": "TIER2"},
+...     {"model": "r", "version": "s1", "state": "shadow", "tier": "TIER2"}]
+>>> plan = launch_plan(records, ready={("r", "p1"), ("r", "c1"), ("r", "s1")})
+>>> plan.production, plan.canaries, plan.shadows
+(('r', 'p1'), ((('r', 'c1'), 0.25),), (('r', 's1'),))
+>>> sorted({route(plan, f"user{i}").role for i in range(40)})
+['canary', 'production']
+>>> route(plan, "user1").shadows
+(('r', 's1'),)
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+from models.registry import (CANARY, LIVE, RETIRED, ROLLED_BACK, SHADOW, TIERS, slo_for,
+                             traffic_share)
+from models.stability import SLO, violations
+
+PRODUCTION, CANARY_ROLE, SHADOW_ROLE = "production", "canary", "shadow"
+Key = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Which versions of the served model play which role (keys are (model, version))."""
+    production: Optional[Key] = None
+    #: (version, share) in the order their user buckets are laid out.
+    canaries: tuple[tuple[Key, float], ...] = ()
+    shadows: tuple[Key, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """What one request gets: the version that answers it (None: no model, the blended
+    cold-start ranking), in which role, and the versions that score it in shadow."""
+    serve: Optional[Key]
+    role: str
+    shadows: tuple[Key, ...] = field(default=())
+
+
+def _live_since(record: dict) -> float:
+    return max((float(t) for t, s in record.get("history", []) if s == LIVE),
+               default=float(record.get("created", 0.0) or 0.0))
+
+
+def _since(record: dict, state: str) -> tuple:
+    """When the version last entered ``state`` (then its name): stable canary order."""
+    t = max((float(t) for t, s in record.get("history", []) if s == state),
+            default=float(record.get("created", 0.0) or 0.0))
+    return (t, record.get("version", ""))
+
+
+def launch_plan(records: Iterable[dict], ready: set[Key]) -> LaunchPlan:
+    """The plan for the registry's ``records``, given the versions whose weights are here.
+
+    Production is the live version made live last (by ``live_since``, as before) among
+    those ready; canaries and shadows are the same model's, ready, canaries laid out
+    oldest first; their shares add up to at most 1 (a later canary gets what is left).
+    Without a production version nothing is tried on traffic: a canary or shadow is
+    judged beside production, and everyone else needs a version to answer them.
+
+    >>> launch_plan([{"model": "r", "version": "c", "state": "canary"}], {("r", "c")})
+    LaunchPlan(production=None, canaries=(), shadows=())
+    >>> launch_plan([
+    ...     {"model": "r", "version": "p", "state": "live"},
+    ...     {"model": "r", "version": "a", "state": "canary", "traffic_share": 0.7,
+    ...      "history": [[1, "canary"]]},
+    ...     {"model": "r", "version": "b", "state": "canary", "traffic_share": 0.5,
+    ...      "history": [[2, "canary"]]},
+    ...     {"model": "r", "version": "s", "state": "shadow"},
+    ...     {"model": "other", "version": "x", "state": "shadow"}],
+    ...     {("r", "p"), ("r", "a"), ("r", "b"), ("other", "x")}).canaries
+    ((('r', 'a'), 0.7), (('r', 'b'), 0.3))
+    """
+    records = list(records)
+    live = [r for r in records if r.get("state") == LIVE and (r["model"], r["version"]) in ready]
+    if not live:
+        return LaunchPlan()
+    chosen = max(live, key=_live_since)
+    model = chosen["model"]
+    mine = [r for r in records if r.get("model") == model and (model, r["version"]) in ready]
+    canaries, left = [], 1.0
+    for r in sorted((r for r in mine if r.get("state") == CANARY),
+                    key=lambda r: _since(r, CANARY)):
+        share = round(min(traffic_share(r), left), 6)
+        if share > 0:
+            canaries.append(((model, r["version"]), share))
+            left -= share
+    shadows = tuple((model, r["version"]) for r in sorted(
+        (r for r in mine if r.get("state") == SHADOW), key=lambda r: _since(r, SHADOW)))
+    return LaunchPlan((model, chosen["version"]), tuple(canaries), shadows)
+
+
+def bucket(model: str, user_id: str) -> float:
+    """The user's place in [0, 1) for ``model``'s canaries: a hash, the same on every
+    worker and every run (not Python's salted ``hash``).
+
+    >>> bucket("ranker", "42") == bucket("ranker", "42"), 0 <= bucket("ranker", "42") < 1
+    (True, True)
+    """
+    digest = hashlib.sha256(f"{model}\0{user_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def route(plan: LaunchPlan, user_id: str) -> Route:
+    """Which version answers ``user_id`` and which score beside it in shadow.
+
+    >>> plan = LaunchPlan(("r", "p"), ((("r", "c"), 1.0),), ())
+    >>> route(plan, "anyone")
+    Route(serve=('r', 'c'), role='canary', shadows=())
+    >>> route(LaunchPlan(), "anyone")
+    Route(serve=None, role='production', shadows=())
+    """
+    if plan.production is None:
+        return Route(None, PRODUCTION, plan.shadows)
+    if plan.canaries:
+        place, start = bucket(plan.production[0], user_id), 0.0
+        for key, share in plan.canaries:
+            if start <= place < start + share:
+                return Route(key, CANARY_ROLE, plan.shadows)
+            start += share
+    return Route(plan.production, PRODUCTION, plan.shadows)
+
+
+# -- automatic rollback ----------------------------------------------------------------
+
+#: How long after an operator promoted it a live version is still on probation: a
+#: breach then rolls it back to the version before.  Later, a breach only alerts (the live version has
+#: earned its place; rolling back then might return to something worse).
+PROBATION_S = 3600.0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A version on trial that breached its SLO: what to do and the figures why."""
+    model: str
+    version: str
+    state: str
+    action: str  # "roll_back" (shadow, canary) or "roll_back_live"
+    reason: str
+    evidence: dict
+
+
+def launch_slo(tier: str, min_examples: int) -> SLO:
+    """The tier's SLO (:func:`models.registry.slo_for`) with the launch's minimum sample:
+    a version is not taken back on a handful of labels."""
+    base = slo_for(tier if tier in TIERS else "TIER2")
+    return SLO(base.calibration_low, base.calibration_high, base.max_normalized_entropy,
+               max(base.min_examples, min_examples), base.min_positives)
+
+
+def breaches(heads: dict, slo: SLO) -> list[dict]:
+    """The heads of one version's stability report that are outside ``slo``, with enough
+    labels (``slo.min_examples`` examples and ``slo.min_positives`` positives).
+
+    >>> slo = SLO(min_examples=100)
+    >>> breaches({"click": {"n": 99, "rate": 0.2, "calibration": 3.0, "ne": 1.5}}, slo)
+    []
+    >>> [(b["head"], b["metric"]) for b in breaches(
+    ...     {"click": {"n": 400, "rate": 0.2, "calibration": 3.0, "ne": 0.9}}, slo)]
+    [('click', 'calibration')]
+    """
+    out = []
+    for alert in violations({"": heads}, slo):
+        m = heads[alert["head"]]
+        out.append({"head": alert["head"], "metric": alert["metric"],
+                    "value": round(alert["value"], 4),
+                    "bounds": [round(b, 4) for b in alert["bounds"]], "n": alert["n"],
+                    "positives": round(alert["n"] * (m.get("rate") or 0.0))})
+    return sorted(out, key=lambda b: (b["head"], b["metric"]))
+
+
+def judge(records: Iterable[dict], report: dict, now: float, *, min_examples: int = 200,
+          probation_s: float = PROBATION_S) -> list[Verdict]:
+    """The versions on trial to take back: a shadow or canary, or a live version still on
+    probation (promoted by an operator less than ``probation_s`` ago, not held, with an
+    earlier live version to return to), whose stability ``report`` (``model:version`` -> head -> figures) breaks its
+    tier's SLO on at least ``min_examples`` labels.
+
+    >>> recs = [{"model": "r", "version": "p", "state": "live", "tier": "TIER2",
+    ...          "history": [[0, "live"]]},
+    ...         {"model": "r", "version": "s", "state": "shadow", "tier": "TIER2"}]
+    >>> bad = {"click": {"n": 500, "rate": 0.1, "calibration": 2.9, "ne": 1.3}}
+    >>> [(v.version, v.action) for v in judge(recs, {"r:s": bad, "r:p": bad}, now=10.0)]
+    [('s', 'roll_back')]
+    """
+    records = list(records)
+    verdicts = []
+    for r in records:
+        state = r.get("state")
+        if state not in (SHADOW, CANARY, LIVE):
+            continue
+        heads = report.get(f"{r['model']}:{r['version']}")
+        if not heads:
+            continue
+        if state == LIVE:
+            # Only a version an operator promoted (a launch's last step) is on probation;
+            # the online trainer's own versions are judged by its gate before going live.
+            since = float(r.get("promoted") or 0.0)
+            earlier = any(o is not r and o.get("model") == r["model"]
+                          and o.get("state") in (RETIRED, LIVE)
+                          and any(s == LIVE for _, s in o.get("history", []))
+                          for o in records)
+            if not since or r.get("hold") or now - since > probation_s or not earlier:
+                continue
+        slo = launch_slo(r.get("tier", "TIER2"), min_examples)
+        broken = breaches(heads, slo)
+        if not broken:
+            continue
+        worst = broken[0]
+        reason = (f"{worst['head']} {worst['metric'].replace('_', ' ')} {worst['value']:g} "
+                  f"outside {worst['bounds'][0]:g}-{worst['bounds'][1]:g} on {worst['n']} "
+                  f"labels ({r.get('tier', 'TIER2')} SLO, {state})")
+        verdicts.append(Verdict(r["model"], r["version"], state,
+                                "roll_back_live" if state == LIVE else "roll_back", reason,
+                                {"breaches": broken, "judged_at": now, "state": state,
+                                 "slo": {"calibration": [round(slo.calibration_low, 4),
+                                                         round(slo.calibration_high, 4)],
+                                         "max_ne": round(slo.max_normalized_entropy, 4),
+                                         "min_examples": slo.min_examples,
+                                         "min_positives": slo.min_positives}}))
+    return verdicts
+
+
+def share_text(share: float) -> str:
+    """A traffic share as people read it.
+
+    >>> share_text(0.05), share_text(0.125), share_text(1.0)
+    ('5%', '12.5%', '100%')
+    """
+    pct = share * 100.0
+    return f"{pct:.0f}%" if math.isclose(pct, round(pct)) else f"{pct:g}%"
