@@ -197,3 +197,63 @@ def test_canary_serves_the_users_its_hash_picks_then_promote_to_production(
                 f"{MODEL}:c1"}:
             assert time.time() < deadline, "production never moved to c1"
             time.sleep(0.3)
+
+
+def test_a_promoted_version_that_degrades_is_rolled_back_and_the_hold_persists(
+        launched, worker):
+    """An operator promotes d1; on its labels it predicts three times too many clicks
+    (one impression in thirty is clicked), so within its probation the monitor rolls it
+    back to the version live before, which then holds against the trainer's gate."""
+    from stores import model_store
+    kafka = launched
+    model_store.publish(kafka, MODEL, "d1", weights(0.1), record("d1", "registered"))
+    before = next(v for v, r in registry(kafka).items() if r["state"] == "live")
+    promoted = model_store.promote(kafka, registry(kafka)["d1"], by="launch-test")
+    assert promoted["state"] == "live" and promoted["promoted"]
+    deadline = time.time() + 30
+    while worker.stats()["shared_view"].get("live_model") != f"{MODEL}:d1":
+        assert time.time() < deadline, "the worker never served d1"
+        time.sleep(0.3)
+
+    served, shown, n = set(), 0, 0
+    deadline = time.time() + 150
+    with RecommendationClient(kafka) as client, EventProducer(kafka) as p:
+        while registry(kafka)["d1"]["state"] == "live":
+            assert time.time() < deadline, f"d1 never rolled back: {worker.stats()['stability']}"
+            for _ in range(10):
+                user = f"lt-d{n}"
+                n += 1
+                reply = ask(client, user)
+                served.add(reply.model_versions.get("ranker"))
+                for pos, item in enumerate(reply.items):
+                    p.send(new_event(user, item.item_id, "impression", author=item.author_id,
+                                     request_id=reply.request_id, position=pos))
+                    if shown % 30 == 0:
+                        p.send(new_event(user, item.item_id, "click", author=item.author_id,
+                                         request_id=reply.request_id))
+                    shown += 1
+            p.flush()
+            time.sleep(1.0)
+    assert f"{MODEL}:d1" in served
+
+    states = registry(kafka)
+    d1, back = states["d1"], states[before]
+    assert (d1["state"], back["state"]) == ("rolled_back", "live")
+    move = d1["moves"][-1]
+    assert move["by"] == "stability monitor" and move["from"] == "live"
+    breach = next(b for b in move["evidence"]["breaches"] if b["metric"] == "calibration")
+    assert breach["head"] == "click" and 2.2 <= breach["value"] <= 4.0 and breach["n"] >= 200
+    assert back["hold"]["rolled_back"] == "d1" and back["hold"]["by"] == "stability monitor"
+    deadline = time.time() + 30
+    while worker.stats()["shared_view"].get("live_model") != f"{MODEL}:{before}":
+        assert time.time() < deadline, "serving never returned to the version before"
+        time.sleep(0.3)
+
+    # The hold persists: a version the trainer's gate would make live stays registered.
+    gate = {**record("t1", "live"), "decision": {"go_live": True, "decided": True,
+                                                 "reason": "weighted NE 0.5 beats it"}}
+    model_store.publish_candidate(kafka, MODEL, "t1", weights(0.1), gate)
+    t1 = registry(kafka)["t1"]
+    assert t1["state"] == "registered"
+    assert t1["reason"].startswith("held by a rollback: rollback of d1")
+    assert registry(kafka)[before]["state"] == "live"
