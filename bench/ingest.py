@@ -99,17 +99,17 @@ def noop_agent(h: Harness, messages: int, events: int, timeout: float) -> dict:
     """Read ``messages`` messages of ``events`` with a no-op Faust agent (bench/noop_agent.py)."""
     env = {**os.environ, **h.worker_env(), "STREAMREC_BOOTSTRAP": h.bootstrap}
     script = Path(__file__).resolve().parent / "noop_agent.py"
+    result = h.tmp / "noop_agent.json"
     t0 = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, str(script), "--messages", str(messages),
+        [sys.executable, str(script), "--messages", str(messages), "--out", str(result),
          "--events-per-message", str(events / messages if messages else 1.0)],
         env=env, capture_output=True, timeout=timeout, cwd=script.parents[1])
-    lines = [ln for ln in proc.stdout.decode().splitlines() if ln.startswith("{")]
-    if not lines:
+    if not result.exists():
         raise RuntimeError(f"no-op agent exited {proc.returncode} without a result:\n"
-                           + proc.stderr.decode()[-3000:])
+                           + (proc.stdout + proc.stderr).decode()[-3000:])
     import orjson
-    out = orjson.loads(lines[-1])
+    out = orjson.loads(result.read_bytes())
     out["total_seconds"] = round(time.monotonic() - t0, 2)
     return out
 
