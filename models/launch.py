@@ -143,6 +143,10 @@ def route(plan: LaunchPlan, user_id: str) -> Route:
 
 # -- automatic rollback ----------------------------------------------------------------
 
+#: Labels a head needs before a version on trial is judged (automatic rollback) or may
+#: take its next launch step; ``STREAMREC_LAUNCH_MIN_EXAMPLES`` overrides.
+MIN_EXAMPLES = 200
+
 #: How long after an operator promoted it a live version is still on probation: a
 #: breach then rolls it back to the version before.  Later, a breach only alerts (the live version has
 #: earned its place; rolling back then might return to something worse).
@@ -189,7 +193,7 @@ def breaches(heads: dict, slo: SLO) -> list[dict]:
     return sorted(out, key=lambda b: (b["head"], b["metric"]))
 
 
-def judge(records: Iterable[dict], report: dict, now: float, *, min_examples: int = 200,
+def judge(records: Iterable[dict], report: dict, now: float, *, min_examples: int = MIN_EXAMPLES,
           probation_s: float = PROBATION_S) -> list[Verdict]:
     """The versions on trial to take back: a shadow or canary, or a live version still on
     probation (promoted by an operator less than ``probation_s`` ago, not held, with an
@@ -239,6 +243,89 @@ def judge(records: Iterable[dict], report: dict, now: float, *, min_examples: in
                                          "min_examples": slo.min_examples,
                                          "min_positives": slo.min_positives}}))
     return verdicts
+
+
+def on_trial(record: dict, now: float, probation_s: float = PROBATION_S) -> bool:
+    """A shadow, a canary, or a live version an operator promoted less than
+    ``probation_s`` ago: the versions whose stability the registry keeps.
+
+    >>> on_trial({"state": "shadow"}, 0.0), on_trial({"state": "live", "promoted": 5.0}, 9.0)
+    (True, True)
+    >>> on_trial({"state": "live"}, 9.0), on_trial({"state": "registered"}, 9.0)
+    (False, False)
+    """
+    if record.get("state") in (SHADOW, CANARY):
+        return True
+    promoted = float(record.get("promoted") or 0.0)
+    return record.get("state") == LIVE and promoted > 0 and now - promoted <= probation_s
+
+
+def figures(heads: dict, at: float) -> dict:
+    """A version's stability report (head -> n, rate, calibration, ne) as the registry keeps
+    it: the heads that have labels, rounded.
+
+    >>> figures({"click": {"n": 300, "rate": 0.1, "calibration": 1.01234, "ne": 0.9},
+    ...          "like": {"n": 0}}, 5.0)
+    {'at': 5.0, 'heads': {'click': {'n': 300, 'rate': 0.1, 'calibration': 1.0123, 'ne': 0.9}}}
+    """
+    return {"at": at, "heads": {h: {k: round(v, 4) if isinstance(v, float) else v
+                                    for k, v in m.items()}
+                                for h, m in sorted(heads.items()) if m.get("n")}}
+
+
+def step_check(record: dict, to: str, *, min_examples: int = MIN_EXAMPLES) -> Optional[str]:
+    """Why ``record`` may not take its next launch step to ``to`` yet, or None if it may.
+
+    A version leaving shadow or canary for a wider audience must have been judged on its
+    stability figures (``record["stability"]``, kept by the stability monitor): at least
+    one head with ``min_examples`` labels and enough positives, and no head outside its
+    tier's SLO.  Other moves (into shadow; an operator's direct promote of a registered
+    or retired version) are not gated here.
+
+    >>> shadow = {"model": "r", "version": "s", "state": "shadow", "tier": "TIER2"}
+    >>> step_check(shadow, "canary")
+    'r s has no stability figures yet: it must be judged on at least 200 labels in shadow first'
+    >>> ok = {"at": 1.0, "heads": {"click": {"n": 400, "rate": 0.1, "calibration": 1.05, "ne": 0.9}}}
+    >>> step_check({**shadow, "stability": ok}, "canary") is None
+    True
+    >>> bad = {"at": 1.0, "heads": {"click": {"n": 400, "rate": 0.1, "calibration": 1.4, "ne": 0.9}}}
+    >>> step_check({**shadow, "stability": bad}, "live")
+    'r s breaks its TIER2 SLO in shadow: click calibration 1.4 outside 0.8-1.25 on 400 labels'
+    """
+    if record.get("state") not in (SHADOW, CANARY) or to not in (CANARY, LIVE):
+        return None
+    name, state = f"{record.get('model')} {record.get('version')}", record["state"]
+    heads = (record.get("stability") or {}).get("heads") or {}
+    if not heads:
+        return (f"{name} has no stability figures yet: it must be judged on at least "
+                f"{min_examples} labels in {state} first")
+    slo = launch_slo(record.get("tier", "TIER2"), min_examples)
+    broken = breaches(heads, slo)
+    if broken:
+        b = broken[0]
+        return (f"{name} breaks its {record.get('tier', 'TIER2')} SLO in {state}: {b['head']} "
+                f"{b['metric'].replace('_', ' ')} {b['value']:g} outside "
+                f"{b['bounds'][0]:g}-{b['bounds'][1]:g} on {b['n']} labels")
+    judged = [h for h, m in heads.items()
+              if m.get("n", 0) >= slo.min_examples
+              and round(m["n"] * (m.get("rate") or 0.0)) >= slo.min_positives]
+    if not judged:
+        most = max(int(m.get("n", 0)) for m in heads.values())
+        return (f"{name} is not judged yet: {most} labels in {state}, {min_examples} needed "
+                f"(with {slo.min_positives} positives)")
+    return None
+
+
+def stability_text(record: dict) -> str:
+    """The version's stability figures in one line, or "" when it has none.
+
+    >>> stability_text({"stability": {"at": 0, "heads": {"click": {"n": 400, "rate": 0.1,
+    ...                 "calibration": 1.05, "ne": 0.91}}}})
+    'click calibration 1.05 NE 0.91 (400 labels)'
+    """
+    heads = (record.get("stability") or {}).get("heads") or {}
+    return "; ".join(f"{h} calibration {m.get('calibration')} NE {m.get('ne')} ({m.get('n')} labels)"
+                     for h, m in sorted(heads.items()) if m.get("n"))
 
 
 def share_text(share: float) -> str:

@@ -496,6 +496,12 @@ def format_detail(record: dict) -> str:
             if live:
                 text += f" (live {live.get('calibration', '-')})"
             lines.append(f"    {head:8s} {text}")
+    if record.get("traffic_share") is not None:
+        row("share", f"{record['traffic_share']:.4g} of users (canary)")
+    for head, m in sorted(((record.get("stability") or {}).get("heads") or {}).items()):
+        lines.append(f"  {'stability' if head == min(record['stability']['heads']) else '':10s} "
+                     f"{head:8s} calibration {m.get('calibration', '-')}  NE {m.get('ne', '-')}"
+                     f"  ({m.get('n', 0)} labels, at {_when(record['stability'].get('at'))})")
     lineage = record.get("lineage") or {}
     if lineage:
         row("lineage", " ".join(f"{k}={v}" for k, v in lineage.items()))

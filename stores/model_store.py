@@ -247,14 +247,18 @@ def _current(registry: dict[str, dict], record: dict) -> dict:
 
 
 def promote(bootstrap: str, record: dict, by: str = "operator", *, to: str = LIVE,
-            traffic_share: Optional[float] = None) -> dict:
+            traffic_share: Optional[float] = None, force: bool = False,
+            min_examples: Optional[int] = None) -> dict:
     """Make ``record``'s version live (an operator's decision) and retire the one it replaces;
     or, with ``to``, move it to ``shadow`` or ``canary`` (``traffic_share`` of the users).
 
     Promoting to live clears a rollback's hold; promoting the held live version itself
-    only clears the hold.  Decided and written in one registry write, on the registry
-    as it is then.
+    only clears the hold.  A version leaving shadow or canary must have passed its
+    stability figures (:func:`models.launch.step_check`; ``force`` steps anyway and
+    says so in the reason); the figures go into the move as its evidence.  Decided and
+    written in one registry write, on the registry as it is then.
     """
+    from models.launch import MIN_EXAMPLES, step_check
     from models.registry import CANARY, state_name
     to = state_name(to)
     if record["version"] not in dict(published_versions(bootstrap, record["model"])):
@@ -264,6 +268,12 @@ def promote(bootstrap: str, record: dict, by: str = "operator", *, to: str = LIV
     def change(registry: dict[str, dict]) -> list[dict]:
         import time
         current = _current(registry, record)
+        refusal = step_check(current, to, min_examples=min_examples or MIN_EXAMPLES)
+        if refusal and not force:
+            raise RuntimeError(f"{refusal} (--force steps anyway)")
+        forced = f" (forced: {refusal})" if refusal else ""
+        evidence = ({"stability": current["stability"]} if current.get("stability")
+                    and current["state"] != to else None)
         if to != LIVE:
             if current["state"] == LIVE:
                 raise RuntimeError(f"{current['model']} {current['version']} is live: it cannot "
@@ -272,7 +282,8 @@ def promote(bootstrap: str, record: dict, by: str = "operator", *, to: str = LIV
                 raise RuntimeError(f"{current['model']} {current['version']} is already {to}")
             share = {"traffic_share": traffic_share} if to == CANARY and traffic_share else {}
             what = f"{to} ({share['traffic_share']:.0%} of users)" if share else to
-            return [moved(current, to, by=by, reason=f"{what} by {by}", **share)]
+            return [moved(current, to, by=by, reason=f"{what} by {by}{forced}",
+                          evidence=evidence, **share)]
         if current["state"] == LIVE:
             if not current.get("hold"):
                 raise RuntimeError(f"{current['model']} {current['version']} is already live")
@@ -280,8 +291,8 @@ def promote(bootstrap: str, record: dict, by: str = "operator", *, to: str = LIV
                           reason=f"promoted by {by}: {current['hold'].get('reason')} released",
                           promoted=time.time(), hold=None)]
         # Marked, so the registry tells an operator's choice from the gate's.
-        new = moved(current, LIVE, by=by, reason=f"promoted by {by}", promoted=time.time(),
-                    hold=None)
+        new = moved(current, LIVE, by=by, reason=f"promoted by {by}{forced}",
+                    promoted=time.time(), hold=None, evidence=evidence)
         return [new] + retired_by(registry, new)
 
     return write_registry(bootstrap, change)[0]
@@ -440,6 +451,8 @@ def write_registry(bootstrap: str, change: Callable[[dict[str, dict]], list[dict
             registry = read_registry(bootstrap, timeout)
             written = [stamp(validate_record(r), registry.get(record_key(r)),
                              overwrite=record_key(r) in overwrite) for r in change(registry)]
+            if not written:
+                return []
             producer.begin_transaction()
             for r in written:
                 producer.produce(MODEL_REGISTRY, key=record_key(r).encode(), value=orjson.dumps(r))
@@ -455,6 +468,23 @@ def write_registry(bootstrap: str, change: Callable[[dict[str, dict]], list[dict
                     pass
             time.sleep(min(0.05 * 2 ** attempt, 1.0))
     raise RuntimeError(f"registry write failed after {attempts} attempts: {last}")
+
+
+def record_stability(bootstrap: str, model: str, version: str, figures: dict) -> list[dict]:
+    """Keep a version's latest stability figures in its registry record (the gate of its
+    next launch step reads them), while it is on trial (:func:`models.launch.on_trial`);
+    written on the record as it is then, so no one's move is lost."""
+    import time
+
+    from models.launch import on_trial
+
+    def change(registry: dict[str, dict]) -> list[dict]:
+        current = registry.get(f"{model}/{version}")
+        if current is None or not on_trial(current, time.time()):
+            return []
+        return [{**current, "stability": figures}]
+
+    return write_registry(bootstrap, change)
 
 
 def set_state(bootstrap: str, record: dict, state: str, *, by: str = "operator",

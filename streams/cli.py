@@ -205,7 +205,7 @@ def _promote(bootstrap: str, records: list[dict], args) -> tuple[dict, str]:
     """One step of a launch: registered -> shadow -> canary -> live (``--to``, default
     live), with what the step means for traffic and the next step."""
     from models import registry
-    from models.launch import share_text
+    from models.launch import share_text, stability_text
     from stores import model_store
     to = registry.state_name(args.to or "live")
     if args.share is not None and to != registry.CANARY:
@@ -217,7 +217,8 @@ def _promote(bootstrap: str, records: list[dict], args) -> tuple[dict, str]:
     live_before = [r["version"] for r in records
                    if r["model"] == before["model"] and r["state"] == registry.LIVE
                    and r["version"] != before["version"]]
-    new = model_store.promote(bootstrap, before, to=to, traffic_share=args.share)
+    new = model_store.promote(bootstrap, before, to=to, traffic_share=args.share,
+                              force=args.force)
     name = f"{new['model']} {new['version']}"
     cmd = f"streamrec models promote --model {new['model']} --version {new['version']}"
     production = ", ".join(live_before) or "no live version: nothing is tried on traffic"
@@ -236,8 +237,11 @@ def _promote(bootstrap: str, records: list[dict], args) -> tuple[dict, str]:
         lines = [f"{name}: {before['state']} -> live ({new['reason']})",
                  f"{name} is live" + (f"; {', '.join(live_before)} retired"
                                       if live_before and before["state"] != registry.LIVE else "")]
-    if to != registry.LIVE:
-        lines.append(f"  the stability monitor rolls it back if it breaks its {new['tier']} SLO")
+    if before["state"] in (registry.SHADOW, registry.CANARY) and before.get("stability"):
+        lines.insert(1, f"  judged in {before['state']}: {stability_text(before)}")
+    if to != registry.LIVE or new.get("promoted"):
+        lines.append(f"  the stability monitor rolls it back if it breaks its {new['tier']} SLO"
+                     + ("" if to != registry.LIVE else " within its probation"))
     return new, "\n".join(lines)
 
 
@@ -391,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--to", help="promote: the step, shadow, canary or production (default)")
     md.add_argument("--share", type=float, help="promote --to canary: the share of users it "
                                                 "serves, in (0, 1] (default 0.05)")
+    md.add_argument("--force", action="store_true", help="promote: step out of shadow or "
+                                                         "canary without passing its stability")
     md.add_argument("--json", action="store_true", help="records as JSON")
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)

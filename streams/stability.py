@@ -20,8 +20,9 @@ from typing import Callable
 import orjson
 
 from models.labels import HEADS
-from models.launch import Verdict, judge
-from models.registry import ROLLED_BACK, RegistryConflict, TIERS, slo_for, watched_versions
+from models.launch import MIN_EXAMPLES, Verdict, figures, judge, on_trial
+from models.registry import (ROLLED_BACK, TIERS, RegistryConflict, moved, slo_for,
+                             watched_versions)
 from models.stability import StabilityMonitor, violations
 from schemas.topics import ALERTS, STABILITY, TRAINING_EXAMPLES
 from streams import metrics
@@ -32,9 +33,13 @@ REPORT_INTERVAL_S = 10.0
 #: A version on trial is taken back automatically when it breaks its tier's SLO on at
 #: least this many labels of a head (``STREAMREC_LAUNCH_MIN_EXAMPLES``); ``STREAMREC_AUTO_ROLLBACK=0``
 #: only alerts.  A live version is on probation for ``STREAMREC_LAUNCH_PROBATION_S``.
-LAUNCH_MIN_EXAMPLES = int(os.environ.get("STREAMREC_LAUNCH_MIN_EXAMPLES", "200"))
+LAUNCH_MIN_EXAMPLES = int(os.environ.get("STREAMREC_LAUNCH_MIN_EXAMPLES", str(MIN_EXAMPLES)))
 AUTO_ROLLBACK = os.environ.get("STREAMREC_AUTO_ROLLBACK", "1") not in ("0", "false", "no")
 PROBATION_S = float(os.environ.get("STREAMREC_LAUNCH_PROBATION_S", "3600"))
+#: How often a version on trial has its figures written into its registry record.
+FIGURES_INTERVAL_S = float(os.environ.get("STREAMREC_LAUNCH_FIGURES_S", "20"))
+#: model:version -> when its figures were last written to the registry.
+_figures_written: dict[str, float] = {}
 BY = "stability monitor"
 log = logging.getLogger(__name__)
 examples_topic = app.topic(TRAINING_EXAMPLES)
@@ -152,35 +157,66 @@ async def publish_stability() -> None:
     metrics.counters["alerts_raised"] += len(alerts)
     if AUTO_ROLLBACK:
         await take_back(records, report)
+    await keep_figures(records, report)
 
 
-def act(bootstrap: str, record: dict, verdict: Verdict) -> dict:
+async def keep_figures(records: list, report: dict) -> None:
+    """Write the figures of each version on trial into its registry record, at most every
+    ``FIGURES_INTERVAL_S``: ``streamrec models show`` prints them and the next launch
+    step is gated on them (:func:`models.launch.step_check`)."""
+    from stores import model_store
+    from streams.settings import settings
+    now = time.time()
+    for r in records:
+        key = f"{r['model']}:{r['version']}"
+        if not on_trial(r, now, PROBATION_S) or not report.get(key):
+            continue
+        if now - _figures_written.get(key, 0.0) < FIGURES_INTERVAL_S:
+            continue
+        _figures_written[key] = now
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, model_store.record_stability, settings.bootstrap, r["model"],
+                r["version"], figures(report[key], now))
+        except Exception as exc:
+            metrics.counters["stability_figures_failed"] += 1
+            log.warning("stability figures of %s not written: %s", key, exc)
+
+
+def act(bootstrap: str, verdict: Verdict) -> dict:
     """Carry out a verdict (:func:`models.launch.judge`): a shadow or canary is rolled back
     (its users return to the live version at once), a live version on probation is
     rolled back to the version before, which holds until an operator promotes.  The
-    evidence goes into the registry with the move.  ``record`` is the monitor's copy:
-    the write is a compare-and-set, so a version someone moved since is left alone."""
+    evidence goes into the registry with the move, written on the registry as it is
+    then: a version someone moved since it was judged is left alone."""
     from stores import model_store
     if verdict.action == "roll_back_live":
         gone, back = model_store.rollback(bootstrap, verdict.model, by=BY, reason=verdict.reason,
                                           evidence=verdict.evidence, expect_live=verdict.version)
         return gone
-    return model_store.set_state(bootstrap, record, ROLLED_BACK, by=BY,
-                                 reason=f"rolled back by the {BY}: {verdict.reason}",
-                                 evidence=verdict.evidence)
+
+    def change(registry: dict) -> list:
+        current = registry.get(f"{verdict.model}/{verdict.version}")
+        if current is None or current.get("state") != verdict.state:
+            # Moved since it was judged (figures written meanwhile are no move).
+            raise RegistryConflict(f"{verdict.model} {verdict.version} is no longer "
+                                   f"{verdict.state}")
+        return [moved(current, ROLLED_BACK, by=BY,
+                      reason=f"rolled back by the {BY}: {verdict.reason}",
+                      evidence=verdict.evidence)]
+
+    return model_store.write_registry(bootstrap, change)[0]
 
 
 async def take_back(records: list, report: dict) -> list:
     """Roll back every version on trial that breaks its SLO (:func:`models.launch.judge`)."""
     from streams.settings import settings
-    by_key = {f"{r['model']}:{r['version']}": r for r in records}
     done = []
     for verdict in judge(records, report, time.time(), min_examples=LAUNCH_MIN_EXAMPLES,
                          probation_s=PROBATION_S):
-        record = by_key[f"{verdict.model}:{verdict.version}"]
         try:
-            moved = await asyncio.get_running_loop().run_in_executor(
-                None, act, settings.bootstrap, record, verdict)
+            written = await asyncio.get_running_loop().run_in_executor(
+                None, act, settings.bootstrap, verdict)
         except RegistryConflict as exc:
             # Moved by someone else since the view read it: judged again next time.
             log.info("automatic rollback of %s %s skipped: %s", verdict.model, verdict.version,
@@ -197,7 +233,7 @@ async def take_back(records: list, report: dict) -> list:
         # Its window goes: the version is no longer watched.
         monitor._models.pop(f"{verdict.model}:{verdict.version}", None)
         entry = {"model": verdict.model, "version": verdict.version, "from": verdict.state,
-                 "reason": verdict.reason, "at": time.time(), "rev": moved.get("rev")}
+                 "reason": verdict.reason, "at": time.time(), "rev": written.get("rev")}
         latest["rollbacks"] = (latest["rollbacks"] + [entry])[-20:]
         done.append(entry)
     return done

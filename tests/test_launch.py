@@ -160,3 +160,39 @@ def test_a_live_version_is_rolled_back_only_on_probation_with_somewhere_to_go():
     # Retired and rolled back versions are not on trial.
     assert judge([rec("s", "rolled_back"), rec("c", "retired")],
                  {"r:s": BAD, "r:c": BAD}, now=1.0) == []
+
+
+# -- launch steps gated on stability ---------------------------------------------------
+
+def figs(n=400, rate=0.1, calibration=1.02, ne=0.9) -> dict:
+    return {"at": 1.0, "heads": {"click": {"n": n, "rate": rate, "calibration": calibration,
+                                           "ne": ne}}}
+
+
+def test_leaving_shadow_or_canary_needs_passing_figures_on_enough_labels():
+    from models.launch import step_check
+    shadow = rec("s", "shadow")
+    assert "no stability figures yet" in step_check(shadow, "canary")
+    assert "not judged yet: 150 labels in shadow, 200 needed" in step_check(
+        {**shadow, "stability": figs(n=150)}, "canary")
+    assert step_check({**shadow, "stability": figs(n=150)}, "canary", min_examples=100) is None
+    assert step_check({**shadow, "stability": figs()}, "canary") is None
+    canary = rec("c", "canary", traffic_share=0.1, stability=figs(ne=1.2))
+    assert "breaks its TIER2 SLO in canary: click normalized entropy 1.2" in step_check(
+        canary, "live")
+    # Into shadow, and an operator's direct promote of a registered version: not gated.
+    assert step_check(rec("r", "registered"), "shadow") is None
+    assert step_check(rec("r", "registered"), "live") is None
+
+
+def test_figures_are_kept_only_for_versions_on_trial():
+    from models.launch import figures, on_trial
+    assert on_trial(rec("s", "shadow"), 0.0) and on_trial(rec("c", "canary"), 0.0)
+    assert on_trial(rec("p", "live", promoted=10.0), 20.0)
+    assert not on_trial(rec("p", "live", promoted=10.0), 10.0 + launch.PROBATION_S + 1)
+    assert not on_trial(rec("p", "live"), 20.0)  # the trainer's own
+    assert not on_trial(rec("x", "rolled_back"), 0.0)
+    kept = figures({"click": {"n": 10, "rate": 0.123456, "calibration": None, "ne": 0.5},
+                    "share": {"n": 0}}, 3.0)
+    assert kept == {"at": 3.0, "heads": {"click": {"n": 10, "rate": 0.1235, "calibration": None,
+                                                   "ne": 0.5}}}

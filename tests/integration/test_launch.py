@@ -2,7 +2,9 @@
 requests beside production and is never served; one whose predictions are three
 times too high is caught by the stability monitor and rolled back with the evidence;
 a canary serves exactly the users its hash picks; ``streamrec models promote`` steps
-a version shadow -> canary -> production.
+a version shadow -> canary -> production, each step out of shadow or canary gated on
+its stability figures; an operator-promoted version that degrades is rolled back to
+the one before, which holds.
 
 The versions are small real models whose calibration layer is set so that every item
 gets the same probabilities: production says 10% click, the bad shadow 30%, and the
@@ -80,6 +82,33 @@ def ask(client, user: str):
                             context={"namespace": NAMESPACE})
 
 
+def traffic(kafka, prefix: str, click_every: int, until, what: str, timeout: float = 150.0,
+            stats=None) -> tuple[set, list]:
+    """Ask for users ``prefix0``, ``prefix1``, ... ten at a time; each sees what was served
+    and clicks one impression in ``click_every``; until ``until()``.  Returns the versions
+    that answered and the request ids."""
+    served, requests, shown = set(), [], 0
+    deadline = time.time() + timeout
+    with RecommendationClient(kafka) as client, EventProducer(kafka) as p:
+        while not until():
+            assert time.time() < deadline, f"{what}: {stats() if stats else ''}"
+            for _ in range(10):
+                user = f"{prefix}{len(requests)}"
+                reply = ask(client, user)
+                requests.append(reply.request_id)
+                served.add(reply.model_versions.get("ranker"))
+                for pos, item in enumerate(reply.items):
+                    p.send(new_event(user, item.item_id, "impression", author=item.author_id,
+                                     request_id=reply.request_id, position=pos))
+                    if shown % click_every == 0:
+                        p.send(new_event(user, item.item_id, "click", author=item.author_id,
+                                         request_id=reply.request_id))
+                    shown += 1
+            p.flush()
+            time.sleep(1.0)
+    return served, requests
+
+
 def registry(kafka) -> dict:
     from stores import model_store
     return {r["version"]: r for r in model_store.read_registry(kafka).values()
@@ -92,26 +121,9 @@ def test_bad_shadow_is_caught_and_never_served(launched, worker):
     shadow = model_store.promote(kafka, registry(kafka)["s1"], by="launch-test", to="shadow")
     assert shadow["state"] == "shadow" and shadow["moves"][-1]["by"] == "launch-test"
 
-    served, requests, shown = set(), [], 0
-    deadline = time.time() + 150
-    with RecommendationClient(kafka) as client, EventProducer(kafka) as p:
-        while registry(kafka)["s1"]["state"] == "shadow":
-            assert time.time() < deadline, (
-                f"s1 never rolled back: {worker.stats()['stability']}")
-            for n in range(10):
-                user = f"lt-u{len(requests)}"
-                reply = ask(client, user)
-                requests.append(reply.request_id)
-                served.add(reply.model_versions.get("ranker"))
-                for pos, item in enumerate(reply.items):
-                    p.send(new_event(user, item.item_id, "impression", author=item.author_id,
-                                     request_id=reply.request_id, position=pos))
-                    if shown % 10 == 0:
-                        p.send(new_event(user, item.item_id, "click", author=item.author_id,
-                                         request_id=reply.request_id))
-                    shown += 1
-            p.flush()
-            time.sleep(1.0)
+    served, requests = traffic(kafka, "lt-u", 10,
+                               lambda: registry(kafka)["s1"]["state"] != "shadow",
+                               "s1 never rolled back", stats=lambda: worker.stats()["stability"])
     # Everyone was answered by production, never by the shadow.
     assert served == {f"{MODEL}:p1"}
 
@@ -166,10 +178,26 @@ def test_canary_serves_the_users_its_hash_picks_then_promote_to_production(
     code, out, err = cli("promote", "--model", MODEL, "--version", "c1", "--to", "shadow")
     assert code == 0, err
     assert f"{MODEL} c1: registered -> shadow" in out
+    assert "next: streamrec models promote --model launchtest --version c1 --to canary" in out
+    # The next step is gated on its stability: nothing judged yet.
+    code, out, err = cli("promote", "--model", MODEL, "--version", "c1", "--to", "canary",
+                         "--share", "0.5")
+    assert code == 1 and "c1 has no stability figures yet" in err
+    assert registry(kafka)["c1"]["state"] == "shadow"
+
+    def judged() -> bool:
+        heads = (registry(kafka)["c1"].get("stability") or {}).get("heads") or {}
+        return heads.get("click", {}).get("n", 0) >= 200
+    served, _ = traffic(kafka, "lt-j", 10, judged, "c1 never judged in shadow",
+                        stats=lambda: worker.stats()["stability"])
+    assert served == {f"{MODEL}:p1"}
     code, out, err = cli("promote", "--model", MODEL, "--version", "c1", "--to", "canary",
                          "--share", "0.5")
     assert code == 0, err
     assert f"{MODEL} c1: shadow -> canary (50% of users)" in out
+    assert "judged in shadow: click calibration" in out
+    move = registry(kafka)["c1"]["moves"][-1]
+    assert move["evidence"]["stability"]["heads"]["click"]["n"] >= 200
 
     users = [f"lt-c{n}" for n in range(40)]
     expected = {u: "c1" if bucket(MODEL, u) < 0.5 else "p1" for u in users}
@@ -189,6 +217,7 @@ def test_canary_serves_the_users_its_hash_picks_then_promote_to_production(
     code, out, err = cli("promote", "--model", MODEL, "--version", "c1")
     assert code == 0, err
     assert f"{MODEL} c1: canary -> live" in out and "p1 retired" in out
+    assert "judged in canary: click calibration" in out and "within its probation" in out
     states = {v: r["state"] for v, r in registry(kafka).items()}
     assert (states["c1"], states["p1"]) == ("live", "retired")
     deadline = time.time() + 30
@@ -215,25 +244,8 @@ def test_a_promoted_version_that_degrades_is_rolled_back_and_the_hold_persists(
         assert time.time() < deadline, "the worker never served d1"
         time.sleep(0.3)
 
-    served, shown, n = set(), 0, 0
-    deadline = time.time() + 150
-    with RecommendationClient(kafka) as client, EventProducer(kafka) as p:
-        while registry(kafka)["d1"]["state"] == "live":
-            assert time.time() < deadline, f"d1 never rolled back: {worker.stats()['stability']}"
-            for _ in range(10):
-                user = f"lt-d{n}"
-                n += 1
-                reply = ask(client, user)
-                served.add(reply.model_versions.get("ranker"))
-                for pos, item in enumerate(reply.items):
-                    p.send(new_event(user, item.item_id, "impression", author=item.author_id,
-                                     request_id=reply.request_id, position=pos))
-                    if shown % 30 == 0:
-                        p.send(new_event(user, item.item_id, "click", author=item.author_id,
-                                         request_id=reply.request_id))
-                    shown += 1
-            p.flush()
-            time.sleep(1.0)
+    served, _ = traffic(kafka, "lt-d", 30, lambda: registry(kafka)["d1"]["state"] != "live",
+                        "d1 never rolled back", stats=lambda: worker.stats()["stability"])
     assert f"{MODEL}:d1" in served
 
     states = registry(kafka)
