@@ -51,8 +51,9 @@ class UserHistory:
     authors: dict = field(default_factory=dict)
     #: Event time the author counts were last decayed to.
     authors_at: float = 0.0
-    #: ``event_ids`` as a set, made at the first :meth:`is_duplicate` (not stored).
+    #: ``event_ids`` and ``seen`` as sets, made when first needed (not stored).
     _id_set: Optional[set] = field(default=None, repr=False, compare=False)
+    _seen_set: Optional[set] = field(default=None, repr=False, compare=False)
 
     def is_duplicate(self, event_id: str) -> bool:
         """True if ``event_id`` was applied already; otherwise remember it.
@@ -83,7 +84,7 @@ class UserHistory:
     def apply(self, item: str, event_type: str, ts: float, author: Optional[str] = None,
               author_half_life_s: float = AUTHOR_HALF_LIFE_S) -> None:
         self.events += 1
-        _append_bounded(self.seen, item, MAX_SEEN)
+        self._see(item)
         if event_type in POSITIVE_TYPES:
             positives = self.positives
             if positives and positives[-1][0] == item:  # a like after its click: most often
@@ -100,6 +101,33 @@ class UserHistory:
         if author is not None:
             self._decay_authors(ts, author_half_life_s)
             self._count_author(author, event_type)
+
+    def _see(self, item: str) -> None:
+        """Move ``item`` to the newest end of ``seen`` (kept to :data:`MAX_SEEN`).
+
+        >>> h = UserHistory(seen=["a", "b", "c"])
+        >>> for item in ("b", "d", "d"):
+        ...     h._see(item)
+        >>> h.seen
+        ['a', 'c', 'b', 'd']
+        """
+        seen = self.seen
+        if seen and seen[-1] == item:  # already the newest: nothing moves
+            return
+        known = self._seen_set
+        if known is None:
+            known = self._seen_set = set(seen)
+        if item in known:
+            seen.remove(item)
+        else:
+            known.add(item)
+        seen.append(item)
+        if len(seen) > MAX_SEEN:
+            for old in seen[:-MAX_SEEN]:
+                known.discard(old)
+            del seen[:-MAX_SEEN]
+            if len(known) != len(seen):  # an item listed twice: the list decides
+                self._seen_set = set(seen)
 
     def _decay_authors(self, ts: float, half_life_s: float) -> None:
         """Scale every author's counts down for the event time passed since the last

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from models.coengagement import coengagement_pairs, neighbour_decay
-from models.history import MAX_EVENT_IDS, UserHistory
+from models.history import MAX_EVENT_IDS, MAX_SEEN, UserHistory
 from models.item_state import (COENGAGEMENT_LOOKBACK, add_item_deltas, apply_delta, apply_sourced,
                                fold_sourced, merge_delta, profile)
 from models.trending import event_weight, merge_score
@@ -161,3 +161,14 @@ def test_history_apply_repeats_keep_one_entry_per_item():
     h.apply("i", "like", T0 + 8, "a")
     assert h.seen == ["j", "i"] and h.negatives == ["i"]
     assert h.positives == [["j", T0 + 7, "b"], ["i", T0 + 8, "a"]]
+
+
+def test_seen_stays_bounded_and_ordered_with_its_set():
+    h = UserHistory()
+    for k in range(MAX_SEEN + 100):
+        h.apply(f"i{k}", "impression", T0 + k)
+    assert len(h.seen) == MAX_SEEN and h.seen[0] == "i100"
+    h.apply("i5", "impression", T0)       # fell out: comes back as new, i100 goes
+    h.apply("i300", "impression", T0)     # still there: moves to the newest end
+    assert h.seen[-2:] == ["i5", "i300"] and len(h.seen) == MAX_SEEN
+    assert len(set(h.seen)) == MAX_SEEN and h.seen[0] == "i101"
