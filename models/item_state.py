@@ -449,7 +449,7 @@ def fold_sourced(stats: dict | None, deltas, half_life: float) -> tuple[dict | N
     """
     verdicts: Counter = Counter()
     marks = dict((stats or {}).get("src") or {})
-    merged = None
+    taken = []
     for part, delta in deltas:
         source = part["src"]
         if source is None:
@@ -463,9 +463,12 @@ def fold_sourced(stats: dict | None, deltas, half_life: float) -> tuple[dict | N
                 verdicts["overlap"] += 1
             marks[source] = part["to"]
         verdicts["applied"] += 1
-        merged = merge_delta(merged, delta, half_life)
-    if merged is None:
+        taken.append(delta)
+    if not taken:
         return stats, False, verdicts
+    merged = taken[0] if len(taken) == 1 else None  # apply_delta leaves its delta as it was
+    for delta in taken if merged is None else ():
+        merged = merge_delta(merged, delta, half_life)
     stats, changed = apply_delta(stats, merged, half_life)
     if marks:
         stats["src"] = marks

@@ -96,6 +96,7 @@ def test_fold_sourced_is_apply_sourced_delta_by_delta(seed):
     # The batch the item side sees: every part once, then some again (a redelivery).
     rng = random.Random(seed)
     arriving = parts + rng.sample(parts, 10)
+    sent = repr(arriving)
     one, batch = {}, {}
     verdicts = {"applied": 0, "duplicate": 0}
     for part, items in arriving:
@@ -120,6 +121,7 @@ def test_fold_sourced_is_apply_sourced_delta_by_delta(seed):
         for other, (weight, author) in want["nbrs"].items():
             assert weight - 1e-9 <= stats["nbrs"][other][0] <= weight / span + 1e-9
     assert got_verdicts == verdicts and verdicts["duplicate"] > 0
+    assert repr(arriving) == sent  # a failed batch is retried from the same deltas
 
 
 def test_fold_sourced_skips_a_whole_redelivered_batch_and_changes_nothing():
