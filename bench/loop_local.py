@@ -80,7 +80,8 @@ class Loop:
         self.world = World(config)
         self.rng = np.random.default_rng([config.seed, 5])
         self.p_user = self.world.activity / self.world.activity.sum()
-        self.state = LiveState(half_life_s=3600.0, batch=10 ** 9)
+        self.state = LiveState(half_life_s=3600.0, batch=10 ** 9,
+                               author_half_life_s=args.user_author_half_life)
         self.view = ReplayView(self.state, {}, None)
         self.trainer = (Trainer(lr=args.lr, sparse_lr=args.sparse_lr)
                         if not args.no_training else None)
@@ -304,6 +305,8 @@ def parser() -> argparse.ArgumentParser:
                     help="extra steps per fresh batch, on batches drawn from recent examples")
     ap.add_argument("--replay-buffer", type=int, default=20000)
     ap.add_argument("--publish-every", type=float, default=15.0)
+    ap.add_argument("--user-author-half-life", type=float, default=240.0,
+                    help="half-life of users' per-author counts (bench/closed_loop.py's default)")
     ap.add_argument("--explore-share", type=float, default=FunnelConfig().explore_share)
     ap.add_argument("--no-training", action="store_true", help="blend-only ranking")
     ap.add_argument("--probe-every", type=int, default=5)

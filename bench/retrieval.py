@@ -56,7 +56,7 @@ if str(ROOT) not in sys.path:
 
 from bench.common import log, run  # noqa: E402
 from models.funnel import DEFAULT_CONFIG, blend  # noqa: E402
-from models.history import UserHistory  # noqa: E402
+from models.history import AUTHOR_HALF_LIFE_S, UserHistory  # noqa: E402
 from models.item_state import add_item_deltas, apply_delta, profile, total_score  # noqa: E402
 from models.pregen import DAY_S, item_embeddings, popular  # noqa: E402
 from models.quality import is_objectionable  # noqa: E402
@@ -143,8 +143,11 @@ class LiveState:
     evaluation, so evaluations see every earlier event.
     """
 
-    def __init__(self, half_life_s: float, batch: int = 500):
+    def __init__(self, half_life_s: float, batch: int = 500,
+                 author_half_life_s: float = AUTHOR_HALF_LIFE_S):
         self.half_life = half_life_s
+        #: Half-life of each user's per-author counts (the worker's user_author_half_life_s).
+        self.author_half_life = author_half_life_s
         self.batch = batch
         self.histories: dict[str, UserHistory] = {}
         #: item -> the item_stats table's record (see models.item_state.apply_delta).
@@ -167,7 +170,8 @@ class LiveState:
             return
         # From the history before this event, as ingest does.
         add_item_deltas(self.pending, h, ev, self.half_life)
-        h.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id)
+        h.apply(ev.item_id, ev.event_type, ev.ts, ev.author_id,
+                author_half_life_s=self.author_half_life)
         if ev.event_type == "like":
             self.likes[ev.item_id] += 1
         self.pending_events += 1
