@@ -422,7 +422,7 @@ def read_registry(bootstrap: str, timeout: float = 30.0) -> dict[str, dict]:
 
 
 def write_registry(bootstrap: str, change: Callable[[dict[str, dict]], list[dict]], *,
-                   overwrite: tuple = (), attempts: int = 6, timeout: float = 30.0) -> list[dict]:
+                   overwrite: tuple = (), attempts: int = 12, timeout: float = 30.0) -> list[dict]:
     """Write the records ``change`` computes from the registry, as a compare-and-set.
 
     Every writer uses one transactional id (:data:`REGISTRY_WRITER_ID`): starting it
@@ -433,9 +433,11 @@ def write_registry(bootstrap: str, change: Callable[[dict[str, dict]], list[dict
     are written whatever is there), and all are committed in one transaction.  A writer
     fenced on the way starts again from a fresh read, so no concurrent update is lost;
     a record made from a stale copy raises :class:`models.registry.RegistryConflict`.
+    Writers that keep fencing each other back off for a random, growing time.
     Errors of ``change`` (a move the rules refuse) go to the caller; nothing is written.
     Returns the records as written.
     """
+    import random
     import time
 
     import orjson
@@ -458,16 +460,17 @@ def write_registry(bootstrap: str, change: Callable[[dict[str, dict]], list[dict
                 producer.produce(MODEL_REGISTRY, key=record_key(r).encode(), value=orjson.dumps(r))
             producer.commit_transaction(timeout)
             return written
-        except KafkaException as exc:
+        except (KafkaException, TimeoutError) as exc:
             last = exc
-            error = exc.args[0] if exc.args else None
+            error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
             if error is not None and error.txn_requires_abort():
                 try:
                     producer.abort_transaction(timeout)
                 except KafkaException:
                     pass
-            time.sleep(min(0.05 * 2 ** attempt, 1.0))
-    raise RuntimeError(f"registry write failed after {attempts} attempts: {last}")
+            time.sleep(random.uniform(0.0, min(0.1 * 2 ** attempt, 2.0)))
+    raise RuntimeError(f"registry write failed after {attempts} attempts (other writers "
+                       f"kept fencing it, or the broker kept failing): {last}")
 
 
 def record_stability(bootstrap: str, model: str, version: str, figures: dict) -> list[dict]:

@@ -44,7 +44,7 @@ def test_concurrent_writers_lose_no_update(kafka):
         t.start()
     for t in threads:
         t.join(120)
-    assert not errors
+    assert not errors, errors
     record = model_store.read_registry(kafka)[key]
     # Every one of the 18 read-modify-writes landed on the one before it.
     assert record["count"] == 18 and record["rev"] == 19
