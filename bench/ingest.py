@@ -97,12 +97,14 @@ def raw_consume(bootstrap: str, topic: str, messages: int, events: int, *, decod
 
 def noop_agent(h: Harness, messages: int, events: int, timeout: float) -> dict:
     """Read ``messages`` messages of ``events`` with a no-op Faust agent (bench/noop_agent.py)."""
+    from schemas.topics import EVENTS
     env = {**os.environ, **h.worker_env(), "STREAMREC_BOOTSTRAP": h.bootstrap}
     script = Path(__file__).resolve().parent / "noop_agent.py"
     result = h.tmp / "noop_agent.json"
     t0 = time.monotonic()
     proc = subprocess.run(
         [sys.executable, str(script), "--messages", str(messages), "--out", str(result),
+         "--topic", EVENTS,
          "--events-per-message", str(events / messages if messages else 1.0)],
         env=env, capture_output=True, timeout=timeout, cwd=script.parents[1])
     if not result.exists():

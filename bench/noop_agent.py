@@ -29,9 +29,10 @@ def main() -> None:
     ap.add_argument("--messages", type=int, required=True)
     ap.add_argument("--events-per-message", type=float, default=1.0)
     ap.add_argument("--out", required=True, help="the result's JSON goes here")
+    # The topic comes from bench/ingest.py, the reader the topic catalogue names.
+    ap.add_argument("--topic", required=True)
     args = ap.parse_args()
 
-    from schemas.topics import EVENTS
     from streams.settings import settings
     from streams.tuning import StreamrecApp
 
@@ -57,7 +58,7 @@ def main() -> None:
     t_start = time.monotonic()
     state = {"n": 0, "n_first": 0, "t_first": None, "t_last": None}
 
-    @app.agent(app.topic(EVENTS))
+    @app.agent(app.topic(args.topic))
     async def noop(stream):
         async for batch in stream.take_events(settings.ingest_batch,
                                               within=settings.ingest_within_s):
