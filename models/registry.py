@@ -420,11 +420,18 @@ def format_table(records: Iterable[dict], reason_width: int = 70) -> str:
     ...                      "decision": {"reason": "beats the base rate"}}]))
     MODEL   VERSION  STATE  TIER   OWNER    PARENT  EXAMPLES  CREATED           WHY
     ranker  v1       live   TIER2  trainer  -       500       1970-01-01 00:00  beats the base rate
+    >>> print(format_table([{"model": "r", "version": "v2", "state": "canary", "tier": "TIER2",
+    ...                      "owner": "o", "traffic_share": 0.05, "reason": "canary by ann"}]))
+    MODEL  VERSION  STATE      TIER   OWNER  PARENT  EXAMPLES  CREATED  WHY
+    r      v2       canary 5%  TIER2  o      -       -         -        canary by ann
     """
     rows = [("MODEL", "VERSION", "STATE", "TIER", "OWNER", "PARENT", "EXAMPLES", "CREATED", "WHY")]
     for r in records:
         created = r.get("created")
-        rows.append((r.get("model"), r.get("version"), r.get("state"), r.get("tier"),
+        state = r.get("state")
+        if state == CANARY:
+            state = f"canary {traffic_share(r) * 100:g}%"
+        rows.append((r.get("model"), r.get("version"), state, r.get("tier"),
                      _cell(r.get("owner"), 24), r.get("parent"),
                      (r.get("lineage") or {}).get("examples_seen"),
                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(created))
