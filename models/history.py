@@ -51,48 +51,27 @@ class UserHistory:
     authors: dict = field(default_factory=dict)
     #: Event time the author counts were last decayed to.
     authors_at: float = 0.0
-    #: ``event_ids`` and ``seen`` as sets, made when first needed (not stored).
-    _id_set: Optional[set] = field(default=None, repr=False, compare=False)
-    _seen_set: Optional[set] = field(default=None, repr=False, compare=False)
 
     def is_duplicate(self, event_id: str) -> bool:
         """True if ``event_id`` was applied already; otherwise remember it.
 
         Kafka delivers at least once and replays repeat themselves; counting an
-        event twice would skew every counter built on it.  The last
-        :data:`MAX_EVENT_IDS` are remembered.
-
-        >>> h = UserHistory(event_ids=["e1"])
-        >>> h.is_duplicate("e1"), h.is_duplicate("e2"), h.is_duplicate("e2"), h.event_ids
-        (True, False, True, ['e1', 'e2'])
+        event twice would skew every counter built on it.
         """
-        ids = self._id_set
-        if ids is None:
-            ids = self._id_set = set(self.event_ids)
-        if event_id in ids:
+        if event_id in self.event_ids:
             return True
         self.event_ids.append(event_id)
-        ids.add(event_id)
-        if len(self.event_ids) > MAX_EVENT_IDS:
-            for old in self.event_ids[:-MAX_EVENT_IDS]:
-                ids.discard(old)
-            del self.event_ids[:-MAX_EVENT_IDS]
-            if len(ids) != len(self.event_ids):  # an id listed twice: the list decides
-                self._id_set = set(self.event_ids)
+        del self.event_ids[:-MAX_EVENT_IDS]
         return False
 
     def apply(self, item: str, event_type: str, ts: float, author: Optional[str] = None,
               author_half_life_s: float = AUTHOR_HALF_LIFE_S) -> None:
         self.events += 1
-        self._see(item)
+        _append_bounded(self.seen, item, MAX_SEEN)
         if event_type in POSITIVE_TYPES:
-            positives = self.positives
-            if positives and positives[-1][0] == item:  # a like after its click: most often
-                positives[-1] = [item, ts, author]
-            else:
-                self.positives = positives = [p for p in positives if p[0] != item]
-                positives.append([item, ts, author])
-                del positives[:-MAX_POSITIVES]
+            self.positives = [p for p in self.positives if p[0] != item]
+            self.positives.append([item, ts, author])
+            del self.positives[:-MAX_POSITIVES]
         elif event_type in NEGATIVE_TYPES:
             _append_bounded(self.negatives, item, MAX_NEGATIVES)
             self.positives = [p for p in self.positives if p[0] != item]
@@ -101,33 +80,6 @@ class UserHistory:
         if author is not None:
             self._decay_authors(ts, author_half_life_s)
             self._count_author(author, event_type)
-
-    def _see(self, item: str) -> None:
-        """Move ``item`` to the newest end of ``seen`` (kept to :data:`MAX_SEEN`).
-
-        >>> h = UserHistory(seen=["a", "b", "c"])
-        >>> for item in ("b", "d", "d"):
-        ...     h._see(item)
-        >>> h.seen
-        ['a', 'c', 'b', 'd']
-        """
-        seen = self.seen
-        if seen and seen[-1] == item:  # already the newest: nothing moves
-            return
-        known = self._seen_set
-        if known is None:
-            known = self._seen_set = set(seen)
-        if item in known:
-            seen.remove(item)
-        else:
-            known.add(item)
-        seen.append(item)
-        if len(seen) > MAX_SEEN:
-            for old in seen[:-MAX_SEEN]:
-                known.discard(old)
-            del seen[:-MAX_SEEN]
-            if len(known) != len(seen):  # an item listed twice: the list decides
-                self._seen_set = set(seen)
 
     def _decay_authors(self, ts: float, half_life_s: float) -> None:
         """Scale every author's counts down for the event time passed since the last
@@ -215,8 +167,6 @@ class UserHistory:
 
 
 def _append_bounded(items: list, item: str, bound: int) -> None:
-    if items and items[-1] == item:  # already the newest: nothing moves
-        return
     if item in items:
         items.remove(item)
     items.append(item)

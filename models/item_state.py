@@ -20,11 +20,9 @@ Two likes by one user, folded:
 """
 from __future__ import annotations
 
-from collections import Counter
-
 import orjson
 
-from models.coengagement import MAX_NEIGHBOURS, add_neighbours, neighbour_decay
+from models.coengagement import MAX_NEIGHBOURS, add_neighbours, coengagement_pairs, neighbour_decay
 from models.history import UserHistory
 from models.trending import decayed, event_weight, merge_score
 from schemas.events import EngagementEvent, NEGATIVE_TYPES, POSITIVE_TYPES
@@ -47,44 +45,23 @@ def add_item_deltas(deltas: dict, history: UserHistory, ev: EngagementEvent, hal
     >>> deltas["i"]["trend"], deltas["i"]["counts"]
     ({'home': [1.0, 5.0], 'home@eu': [1.0, 5.0]}, {'click': 1})
     """
-    item, author = ev.item_id, ev.author_id
-    d = deltas.get(item)
-    if d is None:
-        d = deltas[item] = {"author": author, "trend": {}, "co": {}, "counts": {}}
-    else:
-        if author is not None:
-            d["author"] = author
-        if "counts" not in d:  # made for a co-engagement pair first
-            d["counts"] = {}
-    counts = d["counts"]
+    d = deltas.setdefault(ev.item_id, {"author": ev.author_id, "trend": {}, "co": {}})
+    if ev.author_id is not None:
+        d["author"] = ev.author_id
+    counts = d.setdefault("counts", {})
     counts[ev.event_type] = counts.get(ev.event_type, 0) + 1
     weight = event_weight(ev.event_type, ev.dwell_ms)
     # Trending per surface, and per surface and region when the event names one.
-    trend = d["trend"]
     for key in (ev.surface, f"{ev.surface}@{ev.region}") if ev.region else (ev.surface,):
-        trend[key] = merge_score(trend.get(key), weight, ev.ts, half_life)
+        d["trend"][key] = merge_score(d["trend"].get(key), weight, ev.ts, half_life)
     if ev.event_type in POSITIVE_TYPES:
-        # Co-engagement with each recent positive, both ways, weight 1 (as
-        # models.coengagement.coengagement_pairs pairs them), in place.
-        co = d["co"]
-        for other, _, other_author in history.positives[-lookback:]:
-            if other == item:
-                continue
-            dd = deltas.get(other)
-            if dd is None:
-                dd = deltas[other] = {"author": None, "trend": {}, "co": {}}
-            pair = dd["co"].get(item)
-            if pair is None:
-                dd["co"][item] = [1.0, author]
-            else:
-                pair[0] += 1.0
-                pair[1] = author
-            pair = co.get(other)
-            if pair is None:
-                co[other] = [1.0, other_author]
-            else:
-                pair[0] += 1.0
-                pair[1] = other_author
+        recent = history.positives[-lookback:]
+        authors = {p[0]: p[2] for p in recent}
+        for src, dst, w in coengagement_pairs([p[0] for p in recent], ev.item_id):
+            dd = deltas.setdefault(src, {"author": None, "trend": {}, "co": {}})
+            dst_author = ev.author_id if dst == ev.item_id else authors.get(dst)
+            prev = dd["co"].get(dst)
+            dd["co"][dst] = [(prev[0] if prev else 0.0) + w, dst_author]
 
 
 def decode_bundle(raw: bytes):
@@ -139,9 +116,6 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float,
     ({'explore': [2.0, 60.0]}, {'pos': 1}, False)
     """
     stats = stats or {"author": None, "trend": {}, "nbrs": {}}
-    first = delta.get("first")  # a merged delta's earliest event (see merge_delta)
-    if first is not None and first < stats.get("first", float("inf")):
-        stats["first"] = first
     author_changed = delta.get("author") is not None and delta["author"] != stats["author"]
     if author_changed:
         stats["author"] = delta["author"]
@@ -175,52 +149,6 @@ def apply_delta(stats: dict | None, delta: dict, half_life: float,
         if now is not None:
             stats["nbrs_ts"] = max(now, stats.get("nbrs_ts") or now)
     return stats, bool(co) or bool(counts) or author_changed
-
-
-def merge_delta(into: dict | None, delta: dict, half_life: float) -> dict:
-    """Fold ``delta`` into ``into`` (deltas of one item, in arrival order): applying the
-    result once is applying both, up to float rounding and the neighbour decay
-    between them (a batch's co-engagement weights decay together, as ingest's own
-    fold of a batch has them).  Keeps the earliest event time as ``first`` (the
-    merged trend keeps only the latest per surface).  ``into`` is changed in place;
-    ``delta`` never is (a bundle's deltas may be applied again one by one).
-
-    >>> d = merge_delta(None, {"author": "A", "trend": {"home": [1.0, 5.0]}, "counts": {"like": 1},
-    ...                        "co": {"x": [1.0, "X"]}}, 60.0)
-    >>> d = merge_delta(d, {"author": None, "trend": {"home": [1.0, 65.0]}, "counts": {"like": 2},
-    ...                     "co": {"x": [2.0, None]}}, 60.0)
-    >>> d["author"], d["trend"], d["first"], d["counts"], d["co"]
-    ('A', {'home': [1.5, 65.0]}, 5.0, {'like': 3}, {'x': [3.0, 'X']})
-    """
-    if into is None:
-        into = {"author": None, "trend": {}, "co": {}}
-    if delta.get("author") is not None:
-        into["author"] = delta["author"]
-    counts = delta.get("counts")
-    if counts:
-        mine = into.setdefault("counts", {})
-        for event_type, n in counts.items():
-            mine[event_type] = mine.get(event_type, 0) + n
-    trend = delta.get("trend")
-    if trend:
-        first = delta.get("first")
-        mine = into["trend"]
-        for surface, (score, ts) in trend.items():
-            if first is None or ts < first:
-                first = ts
-            mine[surface] = merge_score(mine.get(surface), score, ts, half_life)
-        if first is not None and first < into.get("first", float("inf")):
-            into["first"] = first
-    co = delta.get("co")
-    if co:
-        mine = into["co"]
-        for other, (weight, author) in co.items():
-            prev = mine.get(other)
-            if prev is None:
-                mine[other] = [weight, author]
-            else:
-                mine[other] = [prev[0] + weight, author if author is not None else prev[1]]
-    return into
 
 
 def total_score(trend: dict, half_life: float) -> list:
@@ -336,20 +264,15 @@ def bundle_parts(parts: list[dict], partition_of, max_bytes: int = MAX_BUNDLE_BY
         by_partition: dict[int, dict] = {}
         for item, delta in part["items"].items():
             by_partition.setdefault(partition_of(item), {})[item] = delta
-        head = {"src": part["src"], "from": part["from"], "to": part["to"]}
-        head_size = len(orjson.dumps(head)) + 20
         for partition, items in by_partition.items():
-            size = head_size + len(orjson.dumps(items))
-            if size <= max_bytes:  # most parts: sized once, not item by item
-                _add_part(pending, partition, {**head, "items": items}, size, max_bytes, flush)
-                continue
+            head = {"src": part["src"], "from": part["from"], "to": part["to"]}
             chunk: dict = {}
-            size = head_size
+            size = len(orjson.dumps(head)) + 20
             for item, delta in items.items():
                 item_size = len(orjson.dumps({item: delta}))
                 if chunk and size + item_size > max_bytes:
                     _add_part(pending, partition, {**head, "items": chunk}, size, max_bytes, flush)
-                    chunk, size = {}, head_size
+                    chunk, size = {}, len(orjson.dumps(head)) + 20
                 chunk[item] = delta
                 size += item_size
             _add_part(pending, partition, {**head, "items": chunk}, size, max_bytes, flush)
@@ -428,51 +351,6 @@ def apply_sourced(stats: dict | None, delta: dict, source: str | None, first: li
     if source is not None:
         stats.setdefault("src", {})[source] = last
     return stats, changed, verdict
-
-
-def fold_sourced(stats: dict | None, deltas, half_life: float) -> tuple[dict | None, bool, Counter]:
-    """A batch's sourced deltas of one item, ``[(part, delta)]`` in arrival order,
-    folded into the item's stats with one :func:`apply_delta`: each is judged
-    against the item's marks as :func:`apply_sourced` judges it (marks move as
-    deltas are taken, so a redelivered one in the same batch is skipped too), the
-    ones taken are merged (:func:`merge_delta`) and applied once.  Returns
-    ``(stats, profile changed, verdicts)``: how many deltas were ``"applied"``,
-    ``"duplicate"`` (skipped), ``"overlap"`` and ``"unsourced"`` (also applied).
-
-    >>> d = {"trend": {"home": [1.0, 5.0]}, "counts": {"click": 1}}
-    >>> part = lambda at: {"src": "events/0", "from": [at, 0], "to": [at, 0]}
-    >>> s, changed, v = fold_sourced(None, [(part(3), d), (part(3), d), (part(4), d)], 60.0)
-    >>> s["q"], s["src"], changed, sorted(v.items())
-    ({'pos': 2}, {'events/0': [4, 0]}, True, [('applied', 2), ('duplicate', 1)])
-    >>> fold_sourced(s, [(part(4), d)], 60.0)[1:]
-    (False, Counter({'duplicate': 1}))
-    """
-    verdicts: Counter = Counter()
-    marks = dict((stats or {}).get("src") or {})
-    taken = []
-    for part, delta in deltas:
-        source = part["src"]
-        if source is None:
-            verdicts["unsourced"] += 1
-        else:
-            mark = marks.get(source)
-            if mark is not None and part["to"] <= mark:
-                verdicts["duplicate"] += 1
-                continue
-            if mark is not None and part["from"] <= mark:
-                verdicts["overlap"] += 1
-            marks[source] = part["to"]
-        verdicts["applied"] += 1
-        taken.append(delta)
-    if not taken:
-        return stats, False, verdicts
-    merged = taken[0] if len(taken) == 1 else None  # apply_delta leaves its delta as it was
-    for delta in taken if merged is None else ():
-        merged = merge_delta(merged, delta, half_life)
-    stats, changed = apply_delta(stats, merged, half_life)
-    if marks:
-        stats["src"] = marks
-    return stats, changed, verdicts
 
 
 def seed_board(board, snapshot: dict | None) -> int:

@@ -42,7 +42,7 @@ import orjson
 
 # The fold is pure (models.item_state); this module keeps table I/O, boards and publishing.
 from models.item_state import (apply_delta, apply_sourced, bundle_parts, decode_parts,  # noqa: F401
-                               fold_sourced, profile, seed_board, total_score)
+                               profile, seed_board, total_score)
 from models.trending import TrendingBoard
 from schemas.topics import (AUTHOR_ITEMS, ITEM_DELTAS, ITEM_PROFILES, TRENDING_SNAPSHOTS,
                             item_deltas_key, partition_for)
@@ -60,9 +60,6 @@ profiles_topic = app.topic(ITEM_PROFILES)
 author_items_topic = app.topic(AUTHOR_ITEMS)
 item_stats = app.Table("item_stats", default=None, partitions=settings.partitions)
 
-#: fold_sourced's verdicts -> their counters ("applied" adds to item_deltas_applied).
-VERDICT_COUNTERS = {"duplicate": "item_deltas_skipped", "overlap": "item_deltas_overlapping",
-                    "unsourced": "item_deltas_unsourced"}
 SNAPSHOT_SIZE = 500
 AUTHOR_ITEMS_SIZE = 50
 #: (surface, partition) -> board; in memory, re-seeded from the last snapshot.
@@ -151,19 +148,27 @@ async def apply_batch(batch) -> None:
     for item, (event, deltas) in merged.items():
         use_event(event)
         partition = event.message.partition
-        # One read, one fold of everything the batch holds for the item, one write.
-        stats, profile_changed, verdicts = fold_sourced(item_stats.get(item), deltas,
-                                                        settings.trending_half_life_s)
-        for verdict, n in verdicts.items():
-            if verdict in VERDICT_COUNTERS:
-                metrics.counters[VERDICT_COUNTERS[verdict]] += n
-        if not verdicts["applied"]:
+        stats = item_stats.get(item)
+        profile_changed = touched = False
+        for part, delta in deltas:
+            stats, changed, verdict = apply_sourced(stats, delta, part["src"], part["from"],
+                                                    part["to"], settings.trending_half_life_s)
+            if verdict == "duplicate":
+                metrics.counters["item_deltas_skipped"] += 1
+                continue
+            if verdict == "overlap":
+                metrics.counters["item_deltas_overlapping"] += 1
+            if part["src"] is None:
+                metrics.counters["item_deltas_unsourced"] += 1
+            applied += 1
+            touched = True
+            profile_changed |= changed
+            for surface in delta.get("trend", {}):
+                board_for(surface, partition).set(item, stats["trend"][surface], stats["author"])
+                _dirty.add((surface, partition))
+        if not touched:
             continue
-        applied += verdicts["applied"]
         item_stats[item] = stats
-        for surface in {s for _, delta in deltas for s in delta.get("trend", ())}:
-            board_for(surface, partition).set(item, stats["trend"][surface], stats["author"])
-            _dirty.add((surface, partition))
         if profile_changed:
             _dirty_profiles[item] = stats
         if stats["author"] is not None and stats["trend"]:

@@ -41,6 +41,7 @@ class World:
         self.deltas = FakeTopic()
         self.reroutes = FakeTopic()
         self.dead: list = []
+        self.end_offset = 0
         self.log: list = []  # the events topic: one raw message per offset, one partition
         mp = monkeypatch
         mp.setattr(ingest, "user_history", self.user_history)
@@ -48,10 +49,8 @@ class World:
         mp.setattr(ingest, "events_topic", self.reroutes)
         mp.setattr(ingest, "use_event", lambda event: None)
         mp.setattr(ingest, "send_dead_letter", self._dead_letter)
-        mp.setattr(ingest, "started", set())
-        mp.setattr(ingest, "flush_table_writes", self._flush)
-        self.flushed = 0  # how many user_history entries had landed at the last flush
-        self.flushes: list = []  # (entries landed, bundles sent before) at each flush
+        mp.setattr(ingest, "replay_below", {})
+        mp.setattr(ingest, "end_offsets", self._end_offsets)
         mp.setattr(labels, "pending_for", lambda *a, **k: None)
         mp.setattr(item_stats, "item_stats", self.item_stats)
         mp.setattr(item_stats, "use_event", lambda event: None)
@@ -69,8 +68,8 @@ class World:
         for module in (ingest, item_stats):
             monkeypatch.setattr(module, "partition_for", lambda key, n: self.partition)
 
-    async def _flush(self):
-        self.flushes.append((dict(self.user_history), len(self.deltas.sent)))
+    async def _end_offsets(self, tps):
+        return {tp: self.end_offset for tp in tps}
 
     async def _dead_letter(self, raw, reason, msg, index=None):
         self.dead.append((raw, reason, msg.offset, index))
@@ -91,7 +90,7 @@ class World:
 
     def restart(self):
         """A new worker process: nothing in memory, the tables as their changelogs hold them."""
-        ingest.started.clear()
+        ingest.replay_below.clear()
 
     def apply_deltas(self, start=0):
         """The item-stats agent consumes ``item.deltas`` from ``start``."""
@@ -125,10 +124,11 @@ EVENTS_10 = [like("u0", f"i{n % 3}", n) for n in range(10)]
 
 def test_a_redelivered_batch_with_other_bounds_counts_once(world):
     offsets = world.produce(*EVENTS_10)
-    world.ingest(offsets[:6])
+    world.ingest(offsets[:6])          # folded: nothing existed before this process
     world.apply_deltas()
     # Killed before committing: another process gets all ten in one batch.
     world.restart()
+    world.end_offset = 10
     world.ingest(offsets)
     world.apply_deltas(start=0)        # the item side is redelivered everything too
     assert world.counts() == truth(EVENTS_10)
@@ -139,6 +139,7 @@ def test_history_written_but_bundles_lost_are_sent_again(world):
     world.ingest(offsets[:6])
     world.deltas.sent.clear()          # killed before the bundles left the producer
     world.restart()
+    world.end_offset = 10
     world.ingest(offsets)
     world.apply_deltas()
     assert world.counts() == truth(EVENTS_10)
@@ -146,43 +147,17 @@ def test_history_written_but_bundles_lost_are_sent_again(world):
     assert history["n"] == 10 and len(history["id_at"]) == 10
 
 
-def test_some_bundles_sent_then_killed_counts_once(world):
-    """Killed while sending: the bundles of some item partitions left, the others not."""
-    events = [like("u0", f"i{n % 7}", n) for n in range(12)]
-    offsets = world.produce(*events)
-    world.ingest(offsets[:8])
-    assert len({m.partition for m in world.deltas.sent}) > 1
-    del world.deltas.sent[1:]          # only the first bundle left the producer
-    world.restart()
-    world.ingest(offsets)              # nothing was committed: all of it again
-    world.apply_deltas(start=0)
-    assert world.counts() == truth(events)
-
-
-def test_a_batch_history_lands_before_any_of_its_bundles_is_sent(world):
-    """What lets a batch's fresh events fold into one part: an event no history holds
-    was never sent.  So each batch flushes its table writes before its first send."""
+def test_bundles_sent_but_history_lost_are_skipped_by_the_item_side(world):
     offsets = world.produce(*EVENTS_10)
-    world.ingest(offsets[:4])
-    first = len(world.deltas.sent)
-    world.ingest(offsets[4:])
-    (landed1, sent1), (landed2, sent2) = world.flushes
-    assert sent1 == 0 and landed1["u0"]["n"] == 4
-    assert sent2 == first > 0 and landed2["u0"]["n"] == 10
-    assert len(world.deltas.sent) > first
-
-
-def test_fresh_events_fold_into_one_delta_per_item_and_batch(world):
-    events = [like(f"u{n % 5}", f"i{n % 3}", n) for n in range(30)]
-    for ev in events:
-        ev["user_id"] = "u0"
-    offsets = world.produce(*events)
-    world.ingest(offsets)
-    parts = [p for m in world.deltas.sent for p in orjson.loads(m.value)["parts"]]
-    assert [[p["from"], p["to"]] for p in parts] == [[[0, 0], [29, 0]]] * len(parts)
-    assert sorted(item for p in parts for item in p["items"]) == ["i0", "i1", "i2"]
+    world.ingest(offsets[:6])
     world.apply_deltas()
-    assert world.counts() == truth(events)
+    world.user_history.clear()         # the changelog write never landed
+    world.restart()
+    world.end_offset = 10
+    world.ingest(offsets[2:])          # committed offset 2
+    sent = world.apply_deltas(start=0)
+    assert world.counts() == truth(EVENTS_10[2:]) + truth(EVENTS_10[:2])
+    assert sent > 0
 
 
 def test_a_real_duplicate_at_a_new_offset_is_dropped_after_a_restart(world):
@@ -191,6 +166,7 @@ def test_a_real_duplicate_at_a_new_offset_is_dropped_after_a_restart(world):
     world.apply_deltas()
     again = world.produce(EVENTS_10[3])  # the producer sent it twice
     world.restart()
+    world.end_offset = len(world.log)
     world.ingest(again)
     world.apply_deltas(start=0)
     assert world.counts() == truth(EVENTS_10)
@@ -325,11 +301,8 @@ def test_bundles_stay_small_when_a_backlog_goes_one_event_per_part(world):
     for ev in events:
         ev["user_id"] = "u0"
     offsets = world.produce(*events)
+    world.end_offset = len(offsets)    # all of it may have been seen before: one per part
     world.ingest(offsets)
-    world.deltas.sent.clear()          # history written, bundles lost
-    world.restart()
-    world.ingest(offsets)              # every event a redelivery: one per part
-    assert len(world.deltas.sent) > 1
     assert max(len(m.value) for m in world.deltas.sent) < 300 * 1024
     world.apply_deltas()
     assert world.counts() == truth(events)
