@@ -34,26 +34,14 @@ def main() -> None:
     args = ap.parse_args()
 
     from streams.settings import settings
-    from streams.tuning import StreamrecApp
+    from streams.tuning import StreamrecApp, kafka_options
 
     app = StreamrecApp(
         f"bench-noop-{uuid.uuid4().hex[:8]}",
-        broker=f"kafka://{settings.bootstrap}",
+        **kafka_options(settings),
         store="memory://",
         datadir=tempfile.mkdtemp(prefix="streamrec-noop-"),
         web_enabled=False,
-        topic_partitions=settings.partitions,
-        topic_allow_declare=False,
-        topic_disable_leader=True,
-        key_serializer="raw",
-        value_serializer="raw",
-        consumer_auto_offset_reset="earliest",
-        producer_linger=settings.producer_linger_ms / 1000.0,
-        stream_wait_empty=False,
-        fetch_wait_ms=settings.fetch_wait_ms,
-        broker_session_timeout=settings.session_timeout_s,
-        broker_heartbeat_interval=settings.heartbeat_interval_s,
-        broker_commit_interval=settings.commit_interval_s,
     )
     t_start = time.monotonic()
     state = {"n": 0, "n_first": 0, "t_first": None, "t_last": None}

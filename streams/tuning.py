@@ -24,6 +24,8 @@ from faust.tables.manager import TableManager
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.worker import Worker
 
+from streams.kafka_config import faust_credentials
+
 log = logging.getLogger(__name__)
 
 
@@ -105,3 +107,30 @@ class StreamrecApp(faust.App):
 
     def _new_transport(self):
         return _Transport(self.conf.broker_consumer, self)
+
+
+def kafka_options(settings) -> dict:
+    """The App options that decide how a worker reads and writes Kafka: the worker's
+    app and bench/noop_agent.py (the floor under ingest) both take these, so the
+    floor is measured with what the worker runs."""
+    return dict(
+        broker=f"kafka://{settings.bootstrap}",
+        # TLS and SASL/SCRAM from STREAMREC_SECURITY_PROTOCOL & co (streams/kafka_config.py).
+        broker_credentials=faust_credentials(),
+        topic_partitions=settings.partitions,
+        topic_allow_declare=False,
+        topic_disable_leader=True,
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        producer_linger=settings.producer_linger_ms / 1000.0,
+        # With stream_wait_empty=True, stopping after serving requests can hang.
+        stream_wait_empty=False,
+        fetch_wait_ms=settings.fetch_wait_ms,
+        # Failover (streams/settings.py): a dead member is dropped after the session
+        # timeout, not Faust's 60 s.
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        broker_commit_interval=settings.commit_interval_s,
+    )
