@@ -10,6 +10,12 @@
 - A worker told to stop exits within ``stop_timeout`` seconds whatever state it
   is in: Faust's own stop can wait far longer on a consumer still joining its
   group or a producer flushing to a broker that is gone.
+- Before committing input offsets Faust flushes its producer, but the flush of
+  the buffer that holds table changelog writes gives up after 0.1 s without
+  progress, and does not count the message its sender holds.  The offsets were
+  then committed with table writes still unsent, and a kill lost them (the
+  drill's item counts came out short).  :class:`DrainingBuffer` waits until
+  every buffered write is with the Kafka client, whose own flush follows.
 """
 from __future__ import annotations
 
@@ -18,12 +24,15 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import faust
 from faust.tables.manager import TableManager
+from faust.transport.producer import ProducerBuffer
 from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.worker import Worker
 
+from streams import metrics
 from streams.kafka_config import faust_credentials
 
 log = logging.getLogger(__name__)
@@ -55,8 +64,68 @@ class _Consumer(faust_aiokafka.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+class DrainingBuffer(ProducerBuffer):
+    """Faust's buffer of messages sent with ``send_soon`` (table changelog writes),
+    with a flush that returns only when none is left, neither queued nor in the
+    hands of the sender task.  ``flushes_waited_for_table_writes`` in
+    :data:`streams.metrics.counters` counts the flushes that waited longer than
+    Faust's would have (0.1 s without progress, or a message in hand): each is a
+    commit that Faust would have made with table writes unsent."""
+
+    #: Seconds between checks that the sender still runs while waiting.
+    CHECK_S = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.in_hand = 0
+
+    async def _send_pending(self, fut) -> None:
+        # The queue's size drops when the sender takes a message, before it is
+        # handed to the client: count it until then.
+        self.in_hand += 1
+        try:
+            await super()._send_pending(fut)
+        finally:
+            self.in_hand -= 1
+
+    async def flush(self) -> None:
+        if self.should_stop:
+            # Stopping: the sender task is gone, so Faust's own checks apply.
+            return await super().flush()
+        cut_short, unsent, started = False, self.size + self.in_hand, time.monotonic()
+        while self.size or self.in_hand:
+            if self.should_stop:
+                raise RuntimeError(f"producer buffer stopped with {self.size + self.in_hand} "
+                                   "table writes unsent: not committing past them")
+            # Faust's flush returns here with a message in hand, or after 0.1 s
+            # without one sent.
+            cut_short |= not self.size
+            self.message_sent.clear()
+            waited = time.monotonic()
+            try:
+                await asyncio.wait_for(self.message_sent.wait(), timeout=self.CHECK_S)
+            except asyncio.TimeoutError:
+                pass
+            cut_short |= time.monotonic() - waited > 0.1
+        if cut_short:
+            metrics.counters["flushes_waited_for_table_writes"] += 1
+            log.info("flush waited %.2f s for %d table writes (Faust's would have returned "
+                     "with some unsent)", time.monotonic() - started, unsent)
+
+
+class _Producer(faust_aiokafka.Producer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        buffer = DrainingBuffer(loop=self.loop, beacon=self.beacon)
+        buffer.app = self.buffer.app
+        if self.threaded_producer is not None:
+            buffer.threaded_producer = self.threaded_producer
+        self.buffer = buffer
+
+
 class _Transport(faust_aiokafka.Transport):
     Consumer = _Consumer
+    Producer = _Producer
 
 
 class _TableManager(TableManager):
