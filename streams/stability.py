@@ -1,17 +1,21 @@
-"""Model stability: rolling calibration and normalized entropy per model version and
-head, judged against SLOs, published for dashboards and raised as alerts.
+"""Model stability: rolling calibration and normalized entropy per model version,
+head and window (the last 5 minutes and the last hour), judged against SLOs,
+published for dashboards and raised as deduplicated alerts.
 
 Reads the labelled examples (each carries what the serving model predicted for
 it) beside the trainer; every ``REPORT_INTERVAL_S`` publishes the report to
-``model.stability`` and each SLO violation to ``alerts``.  Each version is judged
-by its tier's SLO (:func:`models.registry.slo_for`: TIER0 strictest).  Memory
-stays bounded: only versions that serve or are candidates keep a window
-(:func:`models.registry.watched_versions`); the trainer makes a version a minute,
-and windows for every one of them grew without end.
+``model.stability`` and, on ``alerts``, each alert when it opens and when it
+clears (:class:`models.stability.AlertBook`: a breach that persists is one
+alert).  Each version is judged by its tier's SLO
+(:func:`models.registry.slo_for`: TIER0 strictest), in each window on its own
+sample.  Memory stays bounded: only versions that serve or are candidates keep
+their sums (:func:`models.registry.watched_versions`); the trainer makes a
+version a minute, and windows for every one of them grew without end.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -23,7 +27,7 @@ from models.labels import HEADS
 from models.launch import MIN_EXAMPLES, Verdict, figures, judge, on_trial
 from models.registry import (ROLLED_BACK, TIERS, RegistryConflict, moved, slo_for,
                              watched_versions)
-from models.stability import StabilityMonitor, violations
+from models.stability import AlertBook, StabilityMonitor, violations, window_violations
 from schemas.topics import ALERTS, STABILITY, TRAINING_EXAMPLES
 from streams import metrics
 from streams.app import app
@@ -45,7 +49,13 @@ log = logging.getLogger(__name__)
 examples_topic = app.topic(TRAINING_EXAMPLES)
 stability_topic = app.topic(STABILITY)
 alerts_topic = app.topic(ALERTS)
-latest: dict = {"report": {}, "alerts": [], "at": None, "rollbacks": []}
+#: What ``/stats/`` and ``cluster.stats`` show: ``report`` is the short window's (the one
+#: launches are judged on), ``windows`` every window's, ``alerts`` the open alerts (each with
+#: ``window``, ``opened_at``, ``seen_at``), ``cleared`` the latest cleared ones.
+latest: dict = {"report": {}, "windows": {}, "alerts": [], "cleared": [], "at": None,
+                "rollbacks": []}
+#: Cleared alerts shown in ``latest``.
+CLEARED_SHOWN = 20
 
 
 def watch_filter(records) -> Callable[[str], bool]:
@@ -64,26 +74,19 @@ def watch_filter(records) -> Callable[[str], bool]:
     return lambda key: key not in known or key in watched
 
 
-class BoundedMonitor(StabilityMonitor):
-    """A :class:`~models.stability.StabilityMonitor` that keeps windows only for the
-    versions worth watching.
+#: The monitor keeps sums only for the versions its ``retain`` is given (the name older
+#: callers use).
+BoundedMonitor = StabilityMonitor
 
-    >>> m = BoundedMonitor(("click",), window=10)
-    >>> for v in ("v1", "v2", "v3"):
-    ...     m.update(f"r:{v}", {"click": 1}, {"click": 0.5})
-    >>> m.retain(watch_filter([{"model": "r", "version": "v1", "state": "retired"},
-    ...                        {"model": "r", "version": "v2", "state": "live"}]))
-    ['r:v1']
-    >>> sorted(m.report())
-    ['r:v2', 'r:v3']
+
+def tier_of(records) -> Callable[[str], str]:
+    """The tier of a version (``model:version``), TIER2 when unknown.
+
+    >>> tier_of([{"model": "r", "version": "v1", "tier": "TIER0"}])("r:v1")
+    'TIER0'
     """
-
-    def retain(self, watched: Callable[[str], bool]) -> list[str]:
-        """Drop the windows of versions no longer watched; returns their names."""
-        dropped = [key for key in self._models if not watched(key)]
-        for key in dropped:
-            del self._models[key]
-        return dropped
+    tiers = {f"{r['model']}:{r['version']}": r.get("tier") for r in records}
+    return lambda key: tiers.get(key) if tiers.get(key) in TIERS else "TIER2"
 
 
 def tier_violations(report: dict, records) -> list[dict]:
@@ -96,15 +99,28 @@ def tier_violations(report: dict, records) -> list[dict]:
     >>> tier_violations(report, [{"model": "r", "version": "v1", "tier": "TIER2"}])
     []
     """
-    tiers = {f"{r['model']}:{r['version']}": r.get("tier") for r in records}
-    alerts = []
-    for key, heads in report.items():
-        tier = tiers.get(key) if tiers.get(key) in TIERS else "TIER2"
-        alerts.extend({**a, "tier": tier} for a in violations({key: heads}, slo_for(tier)))
-    return alerts
+    tier = tier_of(records)
+    return [{**a, "tier": tier(key)} for key, heads in report.items()
+            for a in violations({key: heads}, slo_for(tier(key)))]
 
 
-monitor = BoundedMonitor(HEADS)
+def window_tier_violations(reports: dict, records) -> tuple[list[dict], set]:
+    """:func:`models.stability.window_violations` with each version judged by its tier.
+
+    >>> heads = {"click": {"n": 2000, "rate": 0.1, "calibration": 1.5, "ne": 0.9}}
+    >>> alerts, unjudged = window_tier_violations(
+    ...     {"5m": {"r:v1": {"click": {"n": 3}}}, "1h": {"r:v1": heads}},
+    ...     [{"model": "r", "version": "v1", "tier": "TIER0"}])
+    >>> [(a["window"], a["metric"], a["tier"]) for a in alerts], unjudged
+    ([('1h', 'calibration', 'TIER0')], {('r:v1', 'click', '5m')})
+    """
+    tier = tier_of(records)
+    alerts, unjudged = window_violations(reports, lambda key: slo_for(tier(key)))
+    return [{**a, "tier": tier(a["model"])} for a in alerts], unjudged
+
+
+monitor = StabilityMonitor(HEADS)
+book = AlertBook()
 #: The watch filter, rebuilt at most once a second (the registry grows by a version a
 #: minute; examples arrive many times a second).
 _filter: dict = {"at": 0.0, "watched": None}
@@ -121,6 +137,7 @@ def _watched() -> Callable[[str], bool]:
 async def watch(stream):
     async for value in stream:
         watched = _watched()
+        now = time.time()
         for record in orjson.loads(value):
             predicted = record.get("predicted")
             if not (predicted and isinstance(predicted.get("probs"), dict)):
@@ -134,30 +151,48 @@ async def watch(stream):
                     # Late labels of a retired version must not bring its window back.
                     metrics.counters["stability_examples_unwatched"] += 1
                     continue
-                monitor.update(model, record.get("labels", {}), scored["probs"])
+                monitor.update(model, record.get("labels", {}), scored["probs"], now)
                 metrics.counters["stability_examples"] += 1
 
 
 @app.timer(REPORT_INTERVAL_S)
 async def publish_stability() -> None:
-    records = list(view.registry.values())
-    metrics.counters["stability_windows_dropped"] += len(monitor.retain(watch_filter(records)))
-    report = monitor.report()
-    if not report:
+    await publish(list(view.registry.values()), time.time())
+
+
+async def publish(records: list, now: float) -> None:
+    """One report: drop the versions no longer watched, judge every window, send the
+    figures to ``model.stability`` and the alerts that opened or cleared to ``alerts``,
+    then roll back what breaks its SLO on trial and keep the figures of what is on trial."""
+    watched = watch_filter(records)
+    metrics.counters["stability_windows_dropped"] += len(monitor.retain(watched))
+    for key in [k for k in _figures_written if not watched(k)]:
+        del _figures_written[key]
+    if not len(monitor) and not len(book):
         return
-    alerts = tier_violations(report, records)
-    latest.update(report=report, alerts=alerts, at=time.time())
+    windows = monitor.reports(now)
+    report = windows[monitor.windows[0].name]
+    alerts, unjudged = window_tier_violations(windows, records)
+    change = book.update(alerts, now, unjudged)
+    latest.update(report=report, windows=windows, alerts=change["open"],
+                  cleared=list(book.cleared)[-CLEARED_SHOWN:], at=now)
     for model, heads in report.items():
         await stability_topic.send(key=model.encode(), value=orjson.dumps(
-            {"model": model, "at": latest["at"], "heads": heads}), partition=0)
-    for alert in alerts:
-        key = f"{alert['model']}/{alert['head']}/{alert['metric']}"
-        await alerts_topic.send(key=key.encode(), value=orjson.dumps({**alert, "at": latest["at"]}),
-                                partition=0)
-    metrics.counters["alerts_raised"] += len(alerts)
+            {"model": model, "at": now, "heads": heads,
+             "windows": {name: w[model] for name, w in windows.items()}}), partition=0)
+    # An alert is sent when it opens and when it clears, not once a report.
+    for state, changed in (("open", change["opened"]), ("cleared", change["cleared"])):
+        for alert in changed:
+            key = f"{alert['model']}/{alert['head']}/{alert['metric']}"
+            await alerts_topic.send(key=key.encode(), value=orjson.dumps(
+                {**alert, "state": state, "at": now}), partition=0)
+    metrics.counters["alerts_raised"] += len(change["opened"])
+    metrics.counters["alerts_cleared"] += len(change["cleared"])
+    # A version on trial is taken back on a breach in either window; its launch steps are
+    # gated on the longest window, which holds every label of a trial under an hour.
     if AUTO_ROLLBACK:
-        await take_back(records, report)
-    await keep_figures(records, report)
+        await take_back(records, windows)
+    await keep_figures(records, windows[monitor.windows[-1].name])
 
 
 async def keep_figures(records: list, report: dict) -> None:
@@ -208,12 +243,31 @@ def act(bootstrap: str, verdict: Verdict) -> dict:
     return model_store.write_registry(bootstrap, change)[0]
 
 
-async def take_back(records: list, report: dict) -> list:
-    """Roll back every version on trial that breaks its SLO (:func:`models.launch.judge`)."""
+def window_verdicts(records: list, reports: dict, now: float) -> list[Verdict]:
+    """:func:`models.launch.judge` on each window's report (``{window: report}``, shortest
+    first): one verdict per version, from the first window it breaks in, naming it.
+
+    >>> recs = [{"model": "r", "version": "s", "state": "shadow", "tier": "TIER2"}]
+    >>> bad = {"click": {"n": 500, "rate": 0.1, "calibration": 2.9, "ne": 0.9}}
+    >>> [(v.version, v.reason[-11:], v.evidence["window"])
+    ...  for v in window_verdicts(recs, {"5m": {"r:s": bad}, "1h": {"r:s": bad}}, 10.0)]
+    [('s', '(5m window)', '5m')]
+    """
+    verdicts: dict = {}
+    for name, report in reports.items():
+        for v in judge(records, report, now, min_examples=LAUNCH_MIN_EXAMPLES,
+                       probation_s=PROBATION_S):
+            verdicts.setdefault((v.model, v.version), dataclasses.replace(
+                v, reason=f"{v.reason} ({name} window)", evidence={**v.evidence, "window": name}))
+    return list(verdicts.values())
+
+
+async def take_back(records: list, reports: dict) -> list:
+    """Roll back every version on trial that breaks its SLO in a window
+    (:func:`window_verdicts`)."""
     from streams.settings import settings
     done = []
-    for verdict in judge(records, report, time.time(), min_examples=LAUNCH_MIN_EXAMPLES,
-                         probation_s=PROBATION_S):
+    for verdict in window_verdicts(records, reports, time.time()):
         try:
             written = await asyncio.get_running_loop().run_in_executor(
                 None, act, settings.bootstrap, verdict)
@@ -230,8 +284,8 @@ async def take_back(records: list, report: dict) -> list:
         metrics.counters["automatic_rollbacks"] += 1
         log.warning("%s %s rolled back automatically: %s", verdict.model, verdict.version,
                     verdict.reason)
-        # Its window goes: the version is no longer watched.
-        monitor._models.pop(f"{verdict.model}:{verdict.version}", None)
+        # Its sums go: the version is no longer watched.
+        monitor.drop(f"{verdict.model}:{verdict.version}")
         entry = {"model": verdict.model, "version": verdict.version, "from": verdict.state,
                  "reason": verdict.reason, "at": time.time(), "rev": written.get("rev")}
         latest["rollbacks"] = (latest["rollbacks"] + [entry])[-20:]
