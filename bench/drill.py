@@ -274,8 +274,9 @@ def consumed(bootstrap: str, group: str, topics: list) -> int:
         c.close()
 
 
-def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
-    """Every (key, value) of ``topic`` up to its current end."""
+def read_all(bootstrap: str, topic: str, timeout: float = 60.0, positions: bool = False) -> list:
+    """Every (key, value) of ``topic`` up to its current end; with ``positions``,
+    (partition, offset, key, value)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"drill-{uuid.uuid4().hex}",
                   "enable.auto.commit": False})
@@ -289,11 +290,30 @@ def read_all(bootstrap: str, topic: str, timeout: float = 60.0) -> list:
             for m in c.consume(1000, timeout=0.5):
                 if m.error():
                     continue
-                out.append((m.key(), m.value()))
+                out.append((m.partition(), m.offset(), m.key(), m.value()) if positions
+                           else (m.key(), m.value()))
                 pos[m.partition()] = m.offset() + 1
         return out
     finally:
         c.close()
+
+
+def dump(folder: str, bootstrap: str, inp: "Input", changelog) -> None:
+    """Write the truth and every message of the topics the item-side comparison
+    rests on (and the user histories), one JSON line each (partition, offset, key, value), so a mismatch can
+    be traced to the event, the delta part or the table write that went wrong."""
+    from schemas.topics import EVENTS, ITEM_DELTAS
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "truth.json").write_bytes(orjson.dumps(inp.valid))
+    for name, topic in (("events", EVENTS), ("item_deltas", ITEM_DELTAS),
+                        ("item_stats", changelog("item_stats")),
+                        ("user_history", changelog("user_history"))):
+        with open(out / f"{name}.jsonl", "wb") as f:
+            for p, o, k, v in read_all(bootstrap, topic, positions=True):
+                f.write(orjson.dumps([p, o, None if k is None else k.decode("utf-8", "replace"),
+                                      None if v is None else v.decode("utf-8", "replace")]) + b"\n")
+    log(f"dumped the truth and the item side's topics to {out}")
 
 
 def latest(messages: list) -> dict:
@@ -569,6 +589,8 @@ def drill(args: argparse.Namespace, h: Harness, workers: Workers, duration: floa
         return min([e for e in ends if e > t] + [t + 60]) - args.deadline
 
     serving = [requests.serving_again(k, until_next(k)) for k in kills]
+    if args.dump:
+        dump(args.dump, h.bootstrap, inp, lambda table: changelog_name(h.app_id, table))
     if args.requests_log:
         Path(args.requests_log).write_bytes(orjson.dumps({
             "requests": requests.log, "kills": kills, "broker_outages": broker_outages,
@@ -621,6 +643,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--drain-timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--dump", metavar="DIR",
+                    help="write the truth and the events, item.deltas and item_stats changelog "
+                         "topics as JSON lines, to trace an item count that is off")
     ap.add_argument("--requests-log", metavar="PATH",
                     help="write each request (partition, sent, outcome, ended) and the chaos "
                          "times as JSON, to look into an outage")

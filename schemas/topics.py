@@ -92,7 +92,8 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                            "back"),
                   readers=("streams.ingest: ingest agent (validate, dedupe, fold into user state)",
                            "streams.pregen: streamrec pregen (every retained event)",
-                           "bench.ingest: the ingest bench's raw consumer")),
+                           "bench.ingest: the ingest bench's raw consumer",
+                           "bench.drill: --dump, to trace an item count that is off")),
         TopicSpec(EVENTS_DLQ, 1, "original key", "dead letter (JSON)", 14 * DAY_MS,
                   writers=("streams.deadletters: send_dead_letter, for what the ingest, "
                            "item_stats and serving agents cannot use (streams.agent_errors: "
@@ -120,7 +121,8 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
                            "items' partition",
                            "streams.deadletters: streamrec deadletters redrive, parked bundles "
                            "back"),
-                  readers=("streams.item_stats: item_stats agent",)),
+                  readers=("streams.item_stats: item_stats agent",
+                           "bench.drill: --dump, to trace an item count that is off")),
         TopicSpec(TRENDING_SNAPSHOTS, 1, "surface/partition", "top trending items (JSON)",
                   compact=True, writers=("streams.item_stats: item_stats agent",),
                   readers=(f"{shared_view} (trending; item_stats re-seeds its boards from it)",)),

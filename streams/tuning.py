@@ -10,6 +10,10 @@
 - A worker told to stop exits within ``stop_timeout`` seconds whatever state it
   is in: Faust's own stop can wait far longer on a consumer still joining its
   group or a producer flushing to a broker that is gone.
+- During a rebalance Faust's streams skip the messages they still hold and ack
+  them, so the next commit passed offsets nobody processed: after the seek
+  to the committed offsets they were never read (the drill lost user events
+  and item counts around broker restarts).  :class:`_Consumer` does not ack them.
 - Before committing input offsets Faust flushes its producer, but the flush of
   the buffer that holds table changelog writes gives up after 0.1 s without
   progress, and does not count the message its sender holds.  The offsets were
@@ -63,6 +67,24 @@ class _Consumer(faust_aiokafka.Consumer):
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    def ack(self, message) -> bool:
+        app = self.app
+        if not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id:
+            # During a rebalance Faust's streams skip the messages they still hold, and
+            # ack them: the next commit then passes offsets nobody processed, and the
+            # seek after the rebalance starts beyond them.  Not acking them lets the
+            # commit stop before them, so they are read again (a redelivery).
+            withhold_ack(self, message)
+            return False
+        return super().ack(message)
+
+
+def withhold_ack(consumer, message) -> None:
+    """Forget ``message`` as in flight without acking its offset."""
+    message.acked = True  # never counted later either: it belongs to a past assignment
+    consumer._unacked_messages.discard(message)
+    metrics.counters["acks_withheld_in_rebalance"] += 1
+
 
 class DrainingBuffer(ProducerBuffer):
     """Faust's buffer of messages sent with ``send_soon`` (table changelog writes),
@@ -109,7 +131,7 @@ class DrainingBuffer(ProducerBuffer):
             cut_short |= time.monotonic() - waited > 0.1
         if cut_short:
             metrics.counters["flushes_waited_for_table_writes"] += 1
-            log.info("flush waited %.2f s for %d table writes (Faust's would have returned "
+            log.debug("flush waited %.2f s for %d table writes (Faust's would have returned "
                      "with some unsent)", time.monotonic() - started, unsent)
 
 

@@ -66,3 +66,45 @@ def test_draining_flush_returns_when_every_write_is_with_the_client(delay, n):
 def test_draining_flush_of_an_empty_buffer_returns_at_once():
     sent, n = asyncio.run(flush_after_put(DrainingBuffer, delay=0.0, n=0))
     assert sent == n == 0
+
+
+class Flow:
+    def __init__(self, active: bool):
+        self.active = active
+
+    def is_active(self) -> bool:
+        return self.active
+
+
+def consumer_in(flow_active: bool, generation: int):
+    from streams.tuning import _Consumer
+    consumer = _Consumer.__new__(_Consumer)  # only what ack reads
+    consumer.app = SimpleNamespace(flow_control=Flow(flow_active), consumer_generation_id=generation)
+    consumer._unacked_messages = set()
+    return consumer
+
+
+class Message:
+    def __init__(self, generation: int):
+        self.acked, self.generation_id, self.offset = False, generation, 7
+
+
+@pytest.mark.parametrize("flow_active,generation", [(False, 3), (True, 4)])
+def test_messages_skipped_in_a_rebalance_are_not_acked(monkeypatch, flow_active, generation):
+    # Faust acks what its streams skip while a rebalance runs (flow stopped, or a
+    # message fetched in the previous generation); the commit must not pass them.
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+    acked = []
+    monkeypatch.setattr(faust_aiokafka.Consumer, "ack", lambda self, m: acked.append(m) or True)
+    consumer, message = consumer_in(flow_active, generation), Message(3)
+    consumer._unacked_messages.add(message)
+    assert consumer.ack(message) is False
+    assert acked == [] and message not in consumer._unacked_messages
+
+
+def test_messages_of_the_current_assignment_are_acked(monkeypatch):
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+    acked = []
+    monkeypatch.setattr(faust_aiokafka.Consumer, "ack", lambda self, m: acked.append(m) or True)
+    consumer, message = consumer_in(True, 3), Message(3)
+    assert consumer.ack(message) is True and acked == [message]
