@@ -26,5 +26,12 @@ app = StreamrecApp(
 
 # Agents, tables and pages register themselves on import.
 from streams import tables, labels, ingest, item_stats, serving, trainer, stability, web  # noqa: E402,F401,I001
+from streams import heap  # noqa: E402
+
+
+@app.timer(heap.FREEZE_INTERVAL_S, name="freeze_heap")
+async def freeze_heap() -> None:
+    # Full collections walk every tracked object with the loop stopped (see streams/heap.py).
+    heap.freeze()
 
 main = app.main
