@@ -62,7 +62,7 @@ class Input:
         self.rng = random.Random(seed)
         self.users, self.items = users, items
         self.run_id = uuid.uuid4().hex[:8]
-        self.valid: dict[str, dict] = {}      # event id -> event, acknowledged
+        self.valid: dict[str, dict] = {}      # event id -> event, not refused
         self.bad_sent: set[int] = set()       # markers of invalid units, acknowledged
         self.messages = Counter()
         self.failed = 0
@@ -99,6 +99,23 @@ class Input:
             self.valid[ev["event_id"]] = ev
         self.bad_sent.update(bad)
 
+    def not_delivered(self, kind: str, valid: list, bad: list) -> None:
+        """A message the broker never acknowledged is not part of the truth (a
+        re-sent duplicate's original still is).  A message that timed out while in
+        flight may still have been written: then it shows as counted twice.
+
+        >>> inp = Input(1, 1, 0)
+        >>> ev = inp.event()
+        >>> inp.sent("single", [ev], [7]); inp.not_delivered("single", [ev], [7])
+        >>> len(inp.valid), inp.bad_sent, inp.messages["not_delivered"]
+        (0, set(), 1)
+        """
+        self.messages["not_delivered"] += 1
+        if kind != "duplicate":
+            for ev in valid:
+                self.valid.pop(ev["event_id"], None)
+        self.bad_sent.difference_update(bad)
+
 
 def produce(bootstrap: str, inp: Input, n_events: int, rate: float, duplicates: int,
             malformed: int, stop: threading.Event, progress: dict) -> None:
@@ -110,8 +127,11 @@ def produce(bootstrap: str, inp: Input, n_events: int, rate: float, duplicates: 
     producer = EventProducer(bootstrap, **{"message.timeout.ms": 600_000})
 
     def send(kind: str, key: str, value: bytes, valid: list, bad: list) -> None:
-        producer.send_raw(key.encode(), value)
+        def delivered(err, _msg) -> None:
+            if err is not None:
+                inp.not_delivered(kind, valid, bad)
         inp.sent(kind, valid, bad)
+        producer.send_raw(key.encode(), value, on_delivery=delivered)
 
     sent_valid: list[dict] = []
     bad_every = max(1, n_events // max(1, malformed)) if malformed else 0

@@ -64,12 +64,17 @@ class EventProducer:
             if len(self.errors) < 100:
                 self.errors.append(str(err))
 
-    def send_raw(self, key: Optional[bytes], value: bytes) -> None:
-        """Send bytes as they are (the worker validates and dead-letters)."""
+    def send_raw(self, key: Optional[bytes], value: bytes, on_delivery=None) -> None:
+        """Send bytes as they are (the worker validates and dead-letters);
+        ``on_delivery(err, msg)`` is called too when the broker acknowledges or refuses it."""
+        callback = self._on_delivery
+        if on_delivery is not None:
+            def callback(err, msg):
+                self._on_delivery(err, msg)
+                on_delivery(err, msg)
         while True:
             try:
-                self._producer.produce(self.topic, value=value, key=key,
-                                       on_delivery=self._on_delivery)
+                self._producer.produce(self.topic, value=value, key=key, on_delivery=callback)
                 break
             except BufferError:
                 # Backpressure: the local queue is full; wait for deliveries.
