@@ -319,9 +319,10 @@ def read_all(bootstrap: str, topic: str, timeout: float = 60.0, positions: bool 
 
 
 def dump(folder: str, bootstrap: str, inp: "Input", changelog) -> None:
-    """Write the truth and every message of the topics the item-side comparison
-    rests on (and the user histories), one JSON line each (partition, offset, key, value), so a mismatch can
-    be traced to the event, the delta part or the table write that went wrong."""
+    """Write the truth and every message of the topics the comparisons rest on
+    (``events``, ``item.deltas`` and the two changelogs), one JSON line each
+    (partition, offset, key, value), so a mismatch can be traced to the event, the
+    delta part or the table write that went wrong."""
     from schemas.topics import EVENTS, ITEM_DELTAS
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -333,7 +334,7 @@ def dump(folder: str, bootstrap: str, inp: "Input", changelog) -> None:
             for p, o, k, v in read_all(bootstrap, topic, positions=True):
                 f.write(orjson.dumps([p, o, None if k is None else k.decode("utf-8", "replace"),
                                       None if v is None else v.decode("utf-8", "replace")]) + b"\n")
-    log(f"dumped the truth and the item side's topics to {out}")
+    log(f"dumped the truth and the topics the comparisons read to {out}")
 
 
 def latest(messages: list) -> dict:
@@ -664,8 +665,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--dump", metavar="DIR",
-                    help="write the truth and the events, item.deltas and item_stats changelog "
-                         "topics as JSON lines, to trace an item count that is off")
+                    help="write the truth and the events, item.deltas, item_stats and "
+                         "user_history changelog topics as JSON lines, to trace a count that "
+                         "is off")
     ap.add_argument("--requests-log", metavar="PATH",
                     help="write each request (partition, sent, outcome, ended) and the chaos "
                          "times as JSON, to look into an outage")

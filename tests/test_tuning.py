@@ -79,7 +79,8 @@ class Flow:
 def consumer_in(flow_active: bool, generation: int):
     from streams.tuning import _Consumer
     consumer = _Consumer.__new__(_Consumer)  # only what ack reads
-    consumer.app = SimpleNamespace(flow_control=Flow(flow_active), consumer_generation_id=generation)
+    consumer.app = SimpleNamespace(flow_control=Flow(flow_active),
+                                   consumer_generation_id=generation)
     consumer._unacked_messages = set()
     return consumer
 
