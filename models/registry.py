@@ -202,6 +202,10 @@ def validate_record(record: dict) -> dict:
     for field in ("model", "version", "owner"):
         if not isinstance(record[field], str):
             raise ValueError(f"registry record {name}: {field} must be a string")
+    for field in ("type", "surface"):
+        if field in record and record[field] is not None and (
+                not isinstance(record[field], str) or not record[field].strip()):
+            raise ValueError(f"registry record {name}: {field} must be a non-empty string")
     for field in ("model", "version"):
         # Both are parts of the topic key "model/version".
         if "/" in record[field] or record[field].strip() != record[field]:
@@ -273,6 +277,32 @@ def moved(record: dict, state: str, *, by: str, reason: str = "", at: Optional[f
         move["evidence"] = evidence
     new["moves"] = list(record.get("moves", [])) + [move]
     return validate_record(new)
+
+
+def registration(model: str, version: str, *, owner: str, tier: str, type: str,
+                 surface: str, parent: Optional[str] = None, lineage: Optional[dict] = None,
+                 source: str = "", by: str = "operator", at: Optional[float] = None) -> dict:
+    """The record of a version an operator registers (``streamrec models register``): in
+    state ``registered``, with its type, surface, tier and owner, who registered it and
+    from what (``source``), validated (an unknown tier is refused with the known ones).
+
+    >>> r = registration("ranker", "v9", owner="ann", tier="TIER1", type="explore_mtml",
+    ...                  surface="explore", parent="v8", source="checkpoint c.pt", at=5.0)
+    >>> r["state"], r["registered_by"], r["reason"], r["history"]
+    ('registered', 'operator', 'registered by operator from checkpoint c.pt', [[5.0, 'registered']])
+    >>> registration("ranker", "v9", owner="ann", tier="TIER9", type="t", surface="s")
+    Traceback (most recent call last):
+    ...
+    ValueError: registry record ranker/v9: unknown tier 'TIER9' (known: TIER0, TIER1, TIER2, TIER3, TIER4)
+    """
+    at = time.time() if at is None else at
+    reason = f"registered by {by}" + (f" from {source}" if source else "")
+    return validate_record({
+        "model": model, "version": version, "parent": parent, "type": type,
+        "surface": surface, "tier": tier, "owner": owner, "state": REGISTERED,
+        "created": at, "registered_by": by, "reason": reason, "lineage": lineage or {},
+        "history": [[at, REGISTERED]],
+        "moves": [{"at": at, "from": None, "to": REGISTERED, "by": by, "reason": reason}]})
 
 
 def hold_for_rollback(rolled_back_version: str, at: float, by: str = "operator") -> dict:
@@ -481,6 +511,9 @@ def format_detail(record: dict) -> str:
         lines.append(f"  {label:10s} {value}")
 
     row("owner", record.get("owner", "-"))
+    for field in ("type", "surface"):
+        if record.get(field):
+            row(field, record[field])
     row("parent", record.get("parent") or "-")
     row("created", _when(record.get("created")))
     if _why(record) != (record.get("decision") or {}).get("reason"):

@@ -149,15 +149,19 @@ def catalogue(partitions: int = 4, app_id: str = "streamrec") -> list[TopicSpec]
         TopicSpec(TRAINING_EXAMPLES, 1, "user_id", "[labelled example] (JSON)", 7 * DAY_MS,
                   writers=("streams.labels: the label join, run by the ingest agent",),
                   readers=("streams.trainer: trainer agent; streamrec train (bootstrap)",
-                           "streams.stability: stability agent")),
+                           "streams.stability: stability agent",
+                           "streams.evaluate: streamrec launch evaluate (recorded traffic "
+                           "replayed against a candidate and production)")),
         TopicSpec(MODEL_WEIGHTS, 1, "model/version/part", "weight chunks, then a manifest",
                   compact=True,
-                  writers=("stores.model_store: publish (trainer agent, streamrec train)",),
+                  writers=("stores.model_store: publish (trainer agent, streamrec train), "
+                           "register (streamrec models register)",),
                   readers=(f"{shared_view} (loads every version)",
-                           "stores.model_store: publish, promote, rollback (versions present)")),
+                           "stores.model_store: publish, promote, rollback (versions present); "
+                           "version_blobs (streamrec models register, launch evaluate)")),
         TopicSpec(MODEL_REGISTRY, 1, "model/version", "model version record (JSON)", compact=True,
                   writers=("stores.model_store: publish (trainer agent, streamrec train), "
-                           "promote and rollback (streamrec models)",),
+                           "register, promote and rollback (streamrec models)",),
                   readers=(f"{shared_view} (which version is live)",
                            "stores.model_store: read_registry (streamrec models list, the "
                            "trainer, bench/closed_loop.py)")),

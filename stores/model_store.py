@@ -86,6 +86,19 @@ class WeightAssembler:
         self.manifests[(model, version)] = manifest
         return self._complete(model, version)
 
+    def add_message(self, key: str, value: Optional[bytes]) -> Optional[bytes]:
+        """Add one ``models.weights`` message (``model/version/part-N`` or
+        ``model/version/manifest``; None is a tombstone, which forgets the version);
+        returns the version's blob once it is whole and sound."""
+        import orjson
+        model, version, part = key.split("/", 2)
+        if value is None:
+            self.forget(model, version)
+            return None
+        if part == "manifest":
+            return self.add_manifest(model, version, orjson.loads(value))
+        return self.add_part(model, version, int(part.split("-")[1]), value)
+
     def forget(self, model: str, version: str) -> None:
         self.parts.pop((model, version), None)
         self.manifests.pop((model, version), None)
@@ -121,25 +134,12 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
     a rollback's hold made a moment before is never missed.  Returns the record as
     written.
     """
-    import orjson
-    from confluent_kafka import Producer
-
-    from schemas.topics import MODEL_REGISTRY, MODEL_WEIGHTS
+    from schemas.topics import MODEL_WEIGHTS
     validate_record(record)
     if (record["model"], record["version"]) != (model, version):
         raise ValueError(f"registry record {record['model']}/{record['version']} published as "
                          f"{model}/{version}")
-    producer = Producer(client_config(bootstrap, {"enable.idempotence": True, "linger.ms": 5}))
-    parts = split(blob)
-    for n, part in enumerate(parts):
-        producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/part-{n:04d}".encode(), value=part)
-        producer.poll(0)
-    if producer.flush(60):
-        raise RuntimeError(f"{model} {version}: weight chunks not delivered")
-    producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/manifest".encode(),
-                     value=orjson.dumps(manifest_for(blob, len(parts))))
-    if producer.flush(30):
-        raise RuntimeError(f"{model} {version}: manifest not delivered")
+    producer = _write_weights(bootstrap, model, version, blob)
     written = write_registry(bootstrap, lambda registry: published_records(
         registry, record, gate=gate), overwrite=(record_key(record),))
     registry = read_registry(bootstrap)
@@ -153,6 +153,27 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
         producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/manifest".encode(), value=None)
     producer.flush(30)
     return written[0]
+
+
+def _write_weights(bootstrap: str, model: str, version: str, blob: bytes):
+    """A version's chunks, then its manifest (readers never assemble a version with
+    missing parts); returns the producer, flushed."""
+    import orjson
+    from confluent_kafka import Producer
+
+    from schemas.topics import MODEL_WEIGHTS
+    producer = Producer(client_config(bootstrap, {"enable.idempotence": True, "linger.ms": 5}))
+    parts = split(blob)
+    for n, part in enumerate(parts):
+        producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/part-{n:04d}".encode(), value=part)
+        producer.poll(0)
+    if producer.flush(60):
+        raise RuntimeError(f"{model} {version}: weight chunks not delivered")
+    producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/manifest".encode(),
+                     value=orjson.dumps(manifest_for(blob, len(parts))))
+    if producer.flush(30):
+        raise RuntimeError(f"{model} {version}: manifest not delivered")
+    return producer
 
 
 def published_records(registry: dict[str, dict], record: dict, *, gate: bool = False) -> list[dict]:
@@ -224,8 +245,21 @@ def previous_live(registry: dict[str, dict], model: str) -> Optional[dict]:
 
 
 def protected_versions(registry: dict[str, dict], model: str) -> set[str]:
-    """Versions whose weights must stay: every live one and the rollback target."""
+    """Versions whose weights must stay: every live one, the rollback target, those on
+    trial (shadow, canary) and those an operator registered (``streamrec models
+    register``) until they are retired.
+
+    >>> protected_versions({
+    ...     "m/a": {"model": "m", "version": "a", "state": "live", "history": [[1, "live"]]},
+    ...     "m/b": {"model": "m", "version": "b", "state": "shadow"},
+    ...     "m/c": {"model": "m", "version": "c", "state": "registered", "registered_by": "ann"},
+    ...     "m/d": {"model": "m", "version": "d", "state": "registered"}}, "m") == {"a", "b", "c"}
+    True
+    """
+    from models.registry import CANARY, REGISTERED, SHADOW
     keep = {r["version"] for r in live_records(registry, model)}
+    keep |= {r["version"] for r in registry.values() if r["model"] == model and (
+        r["state"] in (SHADOW, CANARY) or (r["state"] == REGISTERED and r.get("registered_by")))}
     previous = previous_live(registry, model)
     return keep | ({previous["version"]} if previous else set())
 
@@ -351,6 +385,62 @@ def retire(bootstrap: str, record: dict, by: str = "operator") -> dict:
         if current["state"] == RETIRED:
             raise RuntimeError(f"{current['model']} {current['version']} is already retired")
         return [moved(current, RETIRED, by=by, reason=f"retired by {by}")]
+
+    return write_registry(bootstrap, change)[0]
+
+
+def version_blobs(bootstrap: str, model: str, versions) -> dict[str, bytes]:
+    """The published weights (:func:`serving_bytes` form) of ``versions`` of ``model``,
+    read from ``models.weights``; a RuntimeError names any whose weights are gone."""
+    from schemas.topics import MODEL_WEIGHTS
+    from stores.topic_reader import read_to_end
+    wanted, found = set(versions), {}
+    assembler = WeightAssembler()
+    for msg in read_to_end(bootstrap, MODEL_WEIGHTS):
+        key = msg.key().decode()
+        m, version, _ = key.split("/", 2)
+        if m != model or version not in wanted:
+            continue
+        if msg.value() is None:
+            found.pop(version, None)
+        blob = assembler.add_message(key, msg.value())
+        if blob is not None:
+            found[version] = blob
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise RuntimeError(f"{model} {', '.join(missing)}: weights not published (or no "
+                           f"longer: older versions' weights are tombstoned)")
+    return found
+
+
+def register(bootstrap: str, record: dict, blob: bytes) -> dict:
+    """Add a new version in state ``registered`` (an operator's, from a checkpoint or a
+    copy of another version's weights): its weights, then its record, written by
+    :func:`write_registry` as a compare-and-set against "no such version", so an
+    existing version is never overwritten.  Its parent, when named, must be a version
+    of the same model.  Returns the record as written."""
+    from models.registry import REGISTERED
+    validate_record(record)
+    if record["state"] != REGISTERED:
+        raise ValueError(f"a version is registered in state {REGISTERED}, not {record['state']}")
+    key = record_key(record)
+
+    def check(registry: dict[str, dict]) -> None:
+        if key in registry:
+            raise RuntimeError(f"{record['model']} {record['version']} is already in the "
+                               f"registry ({registry[key]['state']}): choose another version")
+        parent = record.get("parent")
+        if parent and f"{record['model']}/{parent}" not in registry:
+            raise RuntimeError(f"unknown parent: no version {parent!r} of {record['model']!r} "
+                               f"in the registry")
+
+    # Refused before any weights are written; checked again inside the write.
+    check(read_registry(bootstrap))
+    _write_weights(bootstrap, record["model"], record["version"], blob)
+
+    def change(registry: dict[str, dict]) -> list[dict]:
+        check(registry)
+        return [record]
 
     return write_registry(bootstrap, change)[0]
 

@@ -245,10 +245,70 @@ def _promote(bootstrap: str, records: list[dict], args) -> tuple[dict, str]:
     return new, "\n".join(lines)
 
 
+def _register(bootstrap: str, records: list[dict], args) -> tuple[dict, str]:
+    """A new version in state ``registered``, its weights from ``--checkpoint`` (a file
+    :meth:`models.training.Trainer.save` wrote) or copied from ``--parent``; type,
+    surface, tier and owner from the options, else the parent's."""
+    import hashlib
+    from pathlib import Path
+
+    from models import registry
+    from stores import model_store
+    parent = None
+    if args.parent:
+        match = [r for r in records if r["model"] == args.model and r["version"] == args.parent]
+        if not match:
+            raise RuntimeError(f"unknown parent: no version {args.parent!r} of {args.model!r} "
+                               f"in the registry")
+        parent = match[0]
+    fields = {f: getattr(args, f) or (parent or {}).get(f)
+              for f in ("type", "surface", "tier", "owner")}
+    missing = [f"--{f}" for f, v in fields.items() if not v]
+    if missing:
+        raise ValueError(f"register needs {', '.join(missing)}" + (
+            "" if parent is None else f" (the parent {parent['version']} has none)"))
+    registry.tier_of(fields["tier"])
+    if args.checkpoint:
+        from models.training import Trainer
+        path = Path(args.checkpoint).resolve()
+        data = path.read_bytes()
+        try:
+            trainer = Trainer.load(path)
+        except Exception as exc:  # torch raises many kinds for a file that is not one
+            raise ValueError(f"{path}: not a streamrec checkpoint ({exc})") from None
+        blob = model_store.serving_bytes(trainer)
+        lineage = {"source": "checkpoint", "checkpoint": str(path),
+                   "sha256": hashlib.sha256(data).hexdigest(),
+                   "examples_seen": trainer.examples_seen, "step": trainer.step}
+        source = f"checkpoint {path.name}"
+    else:
+        blob = model_store.version_blobs(bootstrap, args.model, [parent["version"]])[
+            parent["version"]]
+        # The same weights: trained on exactly what the parent trained on.
+        lineage = {**(parent.get("lineage") or {}), "copied_from": parent["version"]}
+        source = f"a copy of {parent['version']}"
+    version = args.version or (time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-r"
+                               + hashlib.sha256(blob).hexdigest()[:7])
+    record = registry.registration(args.model, version, parent=args.parent, lineage=lineage,
+                                   source=source, **fields)
+    new = model_store.register(bootstrap, record, blob)
+    name = f"{args.model}@{version}"
+    message = "\n".join([
+        f"{args.model} {version}: registered ({fields['tier']}, {fields['type']} on "
+        f"{fields['surface']}, owner {fields['owner']}) from {source}",
+        f"  not served; next: streamrec launch evaluate {name}",
+        f"  then: streamrec models promote --model {args.model} --version {version} --to shadow"])
+    return new, message
+
+
 def cmd_models(args) -> int:
     from models import registry
     from stores import model_store
     bootstrap = args.bootstrap or _settings().bootstrap
+    if args.action == "register" and (not args.model or not (args.checkpoint or args.parent)):
+        print("streamrec models register: needs --model and --checkpoint FILE or --parent "
+              "VERSION (whose weights it copies)", file=sys.stderr)
+        return 2
     records = list(model_store.read_registry(bootstrap).values())
     needs_version = ("promote", "retire")
     if args.action in needs_version and not args.version:
@@ -275,11 +335,37 @@ def cmd_models(args) -> int:
                    f"held: the trainer registers new versions until one is promoted")
     elif args.action == "promote":
         result, message = _promote(bootstrap, records, args)
+    elif args.action == "register":
+        result, message = _register(bootstrap, records, args)
     else:  # retire
         new = model_store.retire(bootstrap, _one_version(records, args.model, args.version))
         result, message = new, f"{new['model']} {new['version']} is retired"
     print(json.dumps(result, indent=2) if args.json else message)
     return 0
+
+
+def cmd_launch(args) -> int:
+    """``launch evaluate``: exit 0 pass, 1 fail, 2 a usage or data error (no broker, an
+    unknown version, no recorded traffic, too few labels to judge)."""
+    import os
+
+    from models import evaluation
+    from streams import evaluate
+    try:
+        model, version = evaluate.parse_candidate(args.candidate, args.model, args.version)
+        since = evaluate.parse_since(args.since, time.time()) if args.since else None
+        last = args.last if args.last is not None else (
+            None if since is not None else evaluation.DEFAULT_LAST)
+        min_examples = args.min_examples or int(os.environ.get(
+            "STREAMREC_LAUNCH_MIN_EXAMPLES", evaluation.MIN_EXAMPLES))
+        report = evaluate.evaluate(args.bootstrap or _settings().bootstrap, model, version,
+                                   last=last or None, since=since, k=args.k,
+                                   min_examples=min_examples, progress=not args.quiet)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        print(f"streamrec launch evaluate: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2) if args.json else evaluation.format_report(report))
+    return evaluation.EXIT_STATUS[report["verdict"]["verdict"]]
 
 
 def cmd_deadletters(args) -> int:
@@ -379,17 +465,30 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("-q", "--quiet", action="store_true")
     tr.set_defaults(func=cmd_train)
 
-    md = sub.add_parser("models", help="the model registry: list, show, promote, rollback, "
-                                        "retire")
-    md.add_argument("action", choices=["list", "show", "promote", "rollback", "retire"],
+    md = sub.add_parser("models", help="the model registry: list, show, register, promote, "
+                                        "rollback, retire")
+    md.add_argument("action", choices=["list", "show", "register", "promote", "rollback",
+                                       "retire"],
                     help="list: versions as a table; show: a model's versions, or with "
-                         "--version one version in full; promote: make --version live (clears "
+                         "--version one version in full; register: a new version from "
+                         "--checkpoint or a copy of --parent, not served; promote: make "
+                         "--version live (clears "
                          "a rollback's hold), or with --to shadow|canary a launch step; "
                          "rollback: back to the version live before, held "
                          "until a promote; retire: take --version out of use")
-    md.add_argument("--version", help="the version to show, promote or retire")
+    md.add_argument("--version", help="the version to show, promote or retire; register: "
+                                      "its name (default: the time and a hash of the weights)")
+    md.add_argument("--checkpoint", help="register: a checkpoint file (Trainer.save)")
+    md.add_argument("--parent", help="register: the version it derives from; without "
+                                     "--checkpoint its weights are copied")
+    md.add_argument("--type", help="register: the model type, e.g. explore_mtml (default: "
+                                   "the parent's)")
+    md.add_argument("--surface", help="register: the surface it ranks for (default: the "
+                                      "parent's)")
+    md.add_argument("--owner", help="register: who owns it (default: the parent's)")
     md.add_argument("--model", help="only this model (needed when the registry has several)")
-    md.add_argument("--tier", help="only this tier (TIER0 most critical .. TIER4)")
+    md.add_argument("--tier", help="only this tier (TIER0 most critical .. TIER4); register: "
+                                   "its tier (default: the parent's)")
     md.add_argument("--state", help="only this state (registered, shadow, canary, live or "
                                     "production, retired, rolled_back)")
     md.add_argument("--to", help="promote: the step, shadow, canary or production (default)")
@@ -400,6 +499,28 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--json", action="store_true", help="records as JSON")
     md.add_argument("--bootstrap")
     md.set_defaults(func=cmd_models)
+
+    la = sub.add_parser("launch", help="launch tooling: evaluate a candidate on recorded "
+                                        "traffic beside production")
+    la.add_argument("action", choices=["evaluate"],
+                    help="evaluate: replay recorded labelled traffic against CANDIDATE and "
+                         "the production version; NE, calibration, AUC, HitRate@10, cost and "
+                         "a verdict against its tier's SLO (exit 0 pass, 1 fail, 2 error)")
+    la.add_argument("candidate", nargs="?", help="MODEL@VERSION (or --model and --version)")
+    la.add_argument("--model")
+    la.add_argument("--version")
+    la.add_argument("--last", type=int, help="the newest N labelled examples neither version "
+                                             "trained on (default 5000; all with --since)")
+    la.add_argument("--since", help="only examples since then: 30m, 2h, 1d, Unix seconds or "
+                                    "a UTC time 2026-11-23T19:00:00")
+    la.add_argument("-k", type=int, default=10, help="HitRate@K (default 10)")
+    la.add_argument("--min-examples", type=int,
+                    help="labels a head needs to be judged (default the launch's 200, "
+                         "$STREAMREC_LAUNCH_MIN_EXAMPLES)")
+    la.add_argument("--json", action="store_true", help="the report as JSON")
+    la.add_argument("--bootstrap")
+    la.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    la.set_defaults(func=cmd_launch)
 
     dl = sub.add_parser("deadletters", help="re-drive dead letters to their source topic "
                                              "(safe with the event-id dedupe)")
