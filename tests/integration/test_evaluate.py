@@ -138,8 +138,6 @@ def test_a_copy_of_production_passes(recorded, capsys):
 
     code, out, err = cli(capsys, kafka, "launch", "evaluate", f"{MODEL}@copy1", "-q")
     assert code == 0, out + err
-    with capsys.disabled():
-        print("\n" + out)  # the README's example
     assert "evaltest: candidate copy1 (registered) vs production p1 (live), TIER2" in out
     assert "verdict    PASS: click inside the TIER2 SLO" in out
 
@@ -191,8 +189,6 @@ def test_a_candidate_three_times_too_high_fails(recorded, capsys, tmp_path):
 
     code, out, _ = cli(capsys, kafka, "launch", "evaluate", f"{MODEL}@bad1", "-q")
     assert code == 1 and "verdict    FAIL: click calibration 3" in out
-    with capsys.disabled():
-        print("\n" + out)  # the README's example
 
 
 def test_evaluate_says_what_is_missing(recorded, capsys):
