@@ -14,6 +14,11 @@
   them, so the next commit passed offsets nobody processed: after the seek
   to the committed offsets they were never read (the drill lost user events
   and item counts around broker restarts).  :class:`_Consumer` does not ack them.
+- Faust stops handing out a fetch when a rebalance begins, with the consumer
+  positioned beyond it, and hands out a fetch made before a seek after it; the
+  streams then see an offset beyond a hole, which Faust counts as processed, so
+  the commit passed messages no agent got (two-worker drills lost hundreds of
+  events).  :class:`ContiguousReads` finds each hole and it is read again.
 - Before committing input offsets Faust flushes its producer, but the flush of
   the buffer that holds table changelog writes gives up after 0.1 s without
   progress, and does not count the message its sender holds.  The offsets were
@@ -29,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from contextlib import aclosing
 
 import faust
 from faust.tables.manager import TableManager
@@ -64,8 +70,64 @@ class _ConsumerThread(faust_aiokafka.AIOKafkaConsumerThread):
 
 
 class _Consumer(faust_aiokafka.Consumer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reads = ContiguousReads()
+        handle = self.callback
+
+        async def hand_to_streams(message) -> None:
+            await handle(message)
+            self.reads.delivered(message.tp, message.offset)
+        self.callback = hand_to_streams
+
     def _new_consumer_thread(self):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    async def getmany(self, timeout):
+        # Faust stops handing out a fetch when the flow stops or the generation
+        # changes, and a fetch made before a seek can still be handed out after it:
+        # either way the next records the streams see lie beyond ones they never got.
+        reads, holes, acked = self.reads, {}, {}
+        async with aclosing(super().getmany(timeout)) as fetched:
+            async for tp, message in fetched:
+                if tp in holes:
+                    continue
+                if acked.setdefault(tp.topic, self.app.topics.acks_enabled_for(tp.topic)):
+                    again = reads.check(tp, message.offset)
+                    if again is not None:
+                        holes[tp] = again
+                        continue
+                yield tp, message
+        for tp, offset in holes.items():
+            if tp in self.assignment():
+                reads.rewinding(tp, offset)
+                metrics.counters["reads_rewound_over_a_hole"] += 1
+                await self.seek(tp, offset)
+
+    async def seek_to_committed(self):
+        committed = await super().seek_to_committed()
+        for tp, offset in committed.items():
+            # aiokafka moves only partitions with a committed offset above 0.
+            self.reads.seeked(tp, offset if offset and offset > 0 else None)
+        return committed
+
+    async def seek(self, partition, offset):
+        await super().seek(partition, offset)
+        self.reads.seeked(partition, offset)
+
+    async def on_partitions_revoked(self, revoked) -> None:
+        self.reads.forget(revoked)
+        await super().on_partitions_revoked(revoked)
+
+    async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
+        # Faust counts offsets it never read as processed (meant for compacted topics
+        # and transaction markers); ContiguousReads lets a gap through only when
+        # reading again from its start still skips it.
+        metrics.counters["offset_gaps_counted_as_read"] += offset_to - offset_from
+        log.warning("%s[%d]: offsets %d-%d do not exist (read twice from %d): counted "
+                    "as processed", tp.topic, tp.partition, offset_from, offset_to - 1,
+                    offset_from)
+        await super()._add_gap(tp, offset_from, offset_to)
 
     def ack(self, message) -> bool:
         app = self.app
@@ -77,6 +139,64 @@ class _Consumer(faust_aiokafka.Consumer):
             withhold_ack(self, message)
             return False
         return super().ack(message)
+
+
+class ContiguousReads:
+    """Per partition, the offset the streams must get next, so none is skipped.
+
+    Faust hands a fetch's records to the streams one at a time and stops when the
+    flow stops (a rebalance begins) or the generation changes, with the consumer
+    positioned beyond the records it dropped; and a fetch made before a seek can
+    be handed out after it.  Either way the streams next see an offset beyond the
+    one they need, and Faust's gap handling then counts the offsets in between as
+    processed: the commit passes messages nobody processed.  :meth:`check` names
+    such a hole, so the consumer reads again from its start; a hole still there
+    after ``tries`` reads is real (compaction, transaction markers).
+
+    >>> reads = ContiguousReads()
+    >>> reads.seeked("p0", 10); reads.delivered("p0", 10)
+    >>> reads.check("p0", 11), reads.check("p0", 13)   # 11 is next: 13 skips two
+    (None, 11)
+    >>> reads.rewinding("p0", 11); reads.rewinding("p0", 11)
+    >>> reads.check("p0", 13)       # read twice from 11 and 13 came first: a real gap
+    """
+
+    def __init__(self, tries: int = 2) -> None:
+        self.tries = tries
+        self.expected: dict = {}
+        self.rewinds: dict = {}
+
+    def seeked(self, tp, offset) -> None:
+        """The consumer was moved to ``offset`` (None: to wherever the group's
+        reset policy puts it)."""
+        if offset is None:
+            self.expected.pop(tp, None)
+        else:
+            self.expected[tp] = offset
+
+    def delivered(self, tp, offset: int) -> None:
+        self.expected[tp] = max(offset + 1, self.expected.get(tp, 0))
+        self.rewinds.pop(tp, None)
+
+    def forget(self, tps) -> None:
+        for tp in tps:
+            self.expected.pop(tp, None)
+            self.rewinds.pop(tp, None)
+
+    def check(self, tp, offset: int):
+        """None to hand the record at ``offset`` on; otherwise the offset to read
+        the partition again from."""
+        expected = self.expected.get(tp)
+        if expected is None or offset <= expected:
+            return None
+        at, times = self.rewinds.get(tp, (None, 0))
+        if at == expected and times >= self.tries:
+            return None
+        return expected
+
+    def rewinding(self, tp, offset: int) -> None:
+        at, times = self.rewinds.get(tp, (None, 0))
+        self.rewinds[tp] = (offset, times + 1 if at == offset else 1)
 
 
 def withhold_ack(consumer, message) -> None:

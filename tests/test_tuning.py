@@ -1,15 +1,21 @@
-"""The producer buffer a worker commits behind: every table write is handed to the
-Kafka client before the input offsets it came from are committed."""
+"""What streams.tuning changes in Faust's commits: every table write is handed to
+the Kafka client before the input offsets it came from are committed, and every
+message reaches the streams before a commit passes it."""
 from __future__ import annotations
 
 import asyncio
+from collections import defaultdict
 from types import SimpleNamespace
 
 import pytest
+from faust.transport.consumer import Consumer as FaustConsumer
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from faust.transport.producer import ProducerBuffer
+from faust.types import TP
+from intervaltree import IntervalTree
 
 from streams import metrics
-from streams.tuning import DrainingBuffer
+from streams.tuning import ContiguousReads, DrainingBuffer, _Consumer
 
 
 class SlowChannel:
@@ -109,3 +115,81 @@ def test_messages_of_the_current_assignment_are_acked(monkeypatch):
     monkeypatch.setattr(faust_aiokafka.Consumer, "ack", lambda self, m: acked.append(m) or True)
     consumer, message = consumer_in(True, 3), Message(3)
     assert consumer.ack(message) is True and acked == [message]
+
+
+# --- Reads: every message reaches the streams -------------------------------------
+
+EVENTS0 = TP("events", 0)
+
+
+def test_faust_counts_a_hole_in_the_reads_as_processed():
+    # Why ContiguousReads exists: messages 12-14 never reached the streams (a fetch
+    # cut short by a rebalance), 15 did; Faust's commit then passes 12-14.
+    state = SimpleNamespace(_committed_offset={EVENTS0: 10}, _gap=defaultdict(IntervalTree),
+                            _acked=defaultdict(list), _acked_index=defaultdict(set))
+    asyncio.run(FaustConsumer._add_gap(state, EVENTS0, 12, 15))  # as _drain_messages does
+    state._acked[EVENTS0] += [10, 11, 15]
+    assert FaustConsumer._new_offset(state, EVENTS0) == 16
+
+
+class ScriptedConsumer(_Consumer):
+    """The worker's consumer over scripted fetches: only what it adds to Faust's
+    hand-out of a fetch runs; the streams get what it yields."""
+
+    def __init__(self, fetches):
+        self.reads = ContiguousReads()
+        self.fetches = list(fetches)
+        self.seeks: list = []
+        self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
+        self._read_offset = {}
+
+    def assignment(self):
+        return {EVENTS0}
+
+    async def _seek(self, tp, offset):
+        self.seeks.append(offset)
+
+    async def handed(self) -> list:
+        out = []
+        async for tp, message in self.getmany(timeout=1.0):
+            out.append(message.offset)
+            self.reads.delivered(tp, message.offset)  # what hand_to_streams does
+        return out
+
+
+@pytest.fixture
+def scripted_fetches(monkeypatch):
+    async def faust_getmany(self, timeout):
+        for offset in self.fetches.pop(0):
+            yield EVENTS0, SimpleNamespace(offset=offset, tp=EVENTS0)
+    monkeypatch.setattr(faust_aiokafka.Consumer, "getmany", faust_getmany)
+    monkeypatch.setattr(FaustConsumer, "log", SimpleNamespace(dev=lambda *a, **k: None),
+                        raising=False)
+
+
+def test_a_hole_is_read_again_from_its_start(scripted_fetches):
+    consumer = ScriptedConsumer([[10, 11], [15, 16], [12, 13, 14, 15, 16]])
+    consumer.reads.seeked(EVENTS0, 10)
+    before = metrics.counters["reads_rewound_over_a_hole"]
+    assert asyncio.run(consumer.handed()) == [10, 11]
+    assert asyncio.run(consumer.handed()) == []       # 12-14 missing: not handed on
+    assert consumer.seeks == [12]
+    assert asyncio.run(consumer.handed()) == [12, 13, 14, 15, 16]
+    assert metrics.counters["reads_rewound_over_a_hole"] == before + 1
+
+
+def test_a_gap_that_reading_again_does_not_fill_is_let_through(scripted_fetches):
+    # Offsets that do not exist (compaction, transaction markers) stay missing.
+    consumer = ScriptedConsumer([[23], [23], [23, 24]])
+    consumer.reads.seeked(EVENTS0, 20)
+    assert asyncio.run(consumer.handed()) == []
+    assert asyncio.run(consumer.handed()) == []
+    assert consumer.seeks == [20, 20]
+    assert asyncio.run(consumer.handed()) == [23, 24]
+
+
+def test_a_partition_never_committed_takes_what_comes(scripted_fetches):
+    consumer = ScriptedConsumer([[40, 41]])
+    consumer.reads.seeked(EVENTS0, None)
+    assert asyncio.run(consumer.handed()) == [40, 41]
+    assert consumer.seeks == []
