@@ -411,20 +411,27 @@ def _created(record: dict) -> tuple:
 
 
 def filter_records(records: Iterable[dict], *, model: Optional[str] = None,
-                   tier: Optional[str] = None, state: Optional[str] = None) -> list[dict]:
-    """Records of ``model``, ``tier`` and ``state`` (each optional), oldest first.
+                   tier: Optional[str] = None, state: Optional[str] = None,
+                   surface: Optional[str] = None, type: Optional[str] = None) -> list[dict]:
+    """Records of ``model``, ``tier``, ``state``, ``surface`` and ``type`` (each optional),
+    oldest first within a model.
 
     >>> rs = [{"model": "m", "version": "v1", "tier": "TIER2", "state": "live"},
-    ...       {"model": "m", "version": "v2", "tier": "TIER2", "state": "registered"}]
+    ...       {"model": "m", "version": "v2", "tier": "TIER2", "state": "registered",
+    ...        "surface": "reels", "type": "reels_mtml"}]
     >>> [r["version"] for r in filter_records(rs, state="production")]
     ['v1']
+    >>> [r["version"] for r in filter_records(rs, surface="reels", type="reels_mtml")]
+    ['v2']
     """
     tier = tier_of(tier).name if tier else None
     state = state_name(state) if state else None
     return sorted((r for r in records
                    if (model is None or r.get("model") == model)
                    and (tier is None or r.get("tier") == tier)
-                   and (state is None or r.get("state") == state)),
+                   and (state is None or r.get("state") == state)
+                   and (surface is None or r.get("surface") == surface)
+                   and (type is None or r.get("type") == type)),
                   key=lambda r: (r.get("model", ""), _created(r)))
 
 
@@ -448,20 +455,23 @@ def format_table(records: Iterable[dict], reason_width: int = 70) -> str:
     >>> print(format_table([{"model": "ranker", "version": "v1", "state": "live", "tier": "TIER2",
     ...                      "owner": "trainer", "created": 0, "lineage": {"examples_seen": 500},
     ...                      "decision": {"reason": "beats the base rate"}}]))
-    MODEL   VERSION  STATE  TIER   OWNER    PARENT  EXAMPLES  CREATED           WHY
-    ranker  v1       live   TIER2  trainer  -       500       1970-01-01 00:00  beats the base rate
+    MODEL   VERSION  STATE  TIER   SURFACE  TYPE  OWNER    PARENT  EXAMPLES  CREATED           WHY
+    ranker  v1       live   TIER2  -        -     trainer  -       500       1970-01-01 00:00  beats the base rate
     >>> print(format_table([{"model": "r", "version": "v2", "state": "canary", "tier": "TIER2",
-    ...                      "owner": "o", "traffic_share": 0.05, "reason": "canary by ann"}]))
-    MODEL  VERSION  STATE      TIER   OWNER  PARENT  EXAMPLES  CREATED  WHY
-    r      v2       canary 5%  TIER2  o      -       -         -        canary by ann
+    ...                      "surface": "reels", "type": "reels_mtml", "owner": "o",
+    ...                      "traffic_share": 0.05, "reason": "canary by ann"}]))
+    MODEL  VERSION  STATE      TIER   SURFACE  TYPE        OWNER  PARENT  EXAMPLES  CREATED  WHY
+    r      v2       canary 5%  TIER2  reels    reels_mtml  o      -       -         -        canary by ann
     """
-    rows = [("MODEL", "VERSION", "STATE", "TIER", "OWNER", "PARENT", "EXAMPLES", "CREATED", "WHY")]
+    rows = [("MODEL", "VERSION", "STATE", "TIER", "SURFACE", "TYPE", "OWNER", "PARENT",
+             "EXAMPLES", "CREATED", "WHY")]
     for r in records:
         created = r.get("created")
         state = r.get("state")
         if state == CANARY:
             state = f"canary {traffic_share(r) * 100:g}%"
         rows.append((r.get("model"), r.get("version"), state, r.get("tier"),
+                     _cell(r.get("surface"), 16), _cell(r.get("type"), 24),
                      _cell(r.get("owner"), 24), r.get("parent"),
                      (r.get("lineage") or {}).get("examples_seen"),
                      time.strftime("%Y-%m-%d %H:%M", time.gmtime(created))

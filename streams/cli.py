@@ -316,7 +316,8 @@ def cmd_models(args) -> int:
         return 2
     if args.action == "list":
         chosen = registry.filter_records(records, model=args.model, tier=args.tier,
-                                         state=args.state)
+                                         state=args.state, surface=args.surface,
+                                         type=args.type)
         print(json.dumps(chosen, indent=2) if args.json else registry.format_table(chosen))
         return 0
     if args.action == "show":
@@ -481,10 +482,10 @@ def build_parser() -> argparse.ArgumentParser:
     md.add_argument("--checkpoint", help="register: a checkpoint file (Trainer.save)")
     md.add_argument("--parent", help="register: the version it derives from; without "
                                      "--checkpoint its weights are copied")
-    md.add_argument("--type", help="register: the model type, e.g. explore_mtml (default: "
-                                   "the parent's)")
-    md.add_argument("--surface", help="register: the surface it ranks for (default: the "
-                                      "parent's)")
+    md.add_argument("--type", help="list: only this model type; register: the model type, "
+                                   "e.g. explore_mtml (default: the parent's)")
+    md.add_argument("--surface", help="list: only versions for this surface; register: the "
+                                      "surface it ranks for (default: the parent's)")
     md.add_argument("--owner", help="register: who owns it (default: the parent's)")
     md.add_argument("--model", help="only this model (needed when the registry has several)")
     md.add_argument("--tier", help="only this tier (TIER0 most critical .. TIER4); register: "

@@ -85,3 +85,37 @@ def test_the_parser_knows_the_new_options():
     args = build_parser().parse_args(["broker", "start", "--sasl-ssl"])
     assert args.sasl_ssl is True and args.action == "start"
     assert build_parser().parse_args(["broker", "status"]).sasl_ssl is False
+
+
+def _registry_records() -> dict:
+    def rec(model, version, state, surface=None, type=None, t=0.0):
+        return {"model": model, "version": version, "state": state, "tier": "TIER2",
+                "owner": "o", "created": t, "history": [[t, state]],
+                **({"surface": surface} if surface else {}), **({"type": type} if type else {})}
+    records = [rec("ranker", "p1", "live"),
+               rec("reels_ranker", "r1", "live", "reels", "reels_mtml", 1.0),
+               rec("reels_ranker", "r2", "registered", "reels", "reels_two_tower", 2.0),
+               rec("explore_x", "e1", "registered", "explore", "explore_mtml", 3.0)]
+    return {f"{r['model']}/{r['version']}": r for r in records}
+
+
+def test_models_list_filters_by_surface_and_type_and_shows_both(monkeypatch, capsys):
+    from stores import model_store
+    monkeypatch.setattr(model_store, "read_registry", lambda bootstrap: _registry_records())
+    assert main(["models", "list", "--surface", "reels", "--bootstrap", "x:1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    header = lines[0].split()
+    assert header[:6] == ["MODEL", "VERSION", "STATE", "TIER", "SURFACE", "TYPE"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(r[1], r[4], r[5]) for r in rows] == [("r1", "reels", "reels_mtml"),
+                                                  ("r2", "reels", "reels_two_tower")]
+    assert main(["models", "list", "--type", "reels_mtml", "--json", "--bootstrap", "x:1"]) == 0
+    assert [r["version"] for r in json.loads(capsys.readouterr().out)] == ["r1"]
+    assert main(["models", "list", "--surface", "reels", "--state", "registered",
+                 "--bootstrap", "x:1"]) == 0
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()[1:]] == ["r2"]
+    # A version with no surface or type shows "-" in both columns.
+    assert main(["models", "list", "--model", "ranker", "--bootstrap", "x:1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[4:6] == ["-", "-"]
+    assert main(["models", "list", "--surface", "clips", "--bootstrap", "x:1"]) == 0
+    assert capsys.readouterr().out.strip() == "no versions match"

@@ -205,14 +205,25 @@ def test_filters_by_model_tier_and_state():
         filter_records(records, tier="gold")
 
 
+def test_filters_by_surface_and_type():
+    records = [rec("v1", "live"), rec("v2", "registered", surface="reels", type="reels_mtml"),
+               rec("v3", "live", model="other", surface="reels", type="reels_two_tower"),
+               rec("v4", "registered", surface="explore", type="explore_mtml")]
+    assert [r["version"] for r in filter_records(records, surface="reels")] == ["v3", "v2"]
+    assert [r["version"] for r in filter_records(records, type="explore_mtml")] == ["v4"]
+    assert [r["version"] for r in filter_records(records, surface="reels",
+                                                 type="reels_mtml")] == ["v2"]
+    assert filter_records(records, surface="clips") == []
+
+
 def test_table_has_a_header_a_row_per_version_and_the_reason():
     records = [rec("v1", "live", hold=hold_for_rollback("v2", 5.0)),
                rec("v3", "registered", reason="held by a rollback: rollback of v2",
                    decision={"reason": "gate says better"}),
                rec("v4", "registered", decision={"reason": "n 120 < 500: no decision yet"})]
     lines = format_table(records).splitlines()
-    assert lines[0].split() == ["MODEL", "VERSION", "STATE", "TIER", "OWNER", "PARENT",
-                                "EXAMPLES", "CREATED", "WHY"]
+    assert lines[0].split() == ["MODEL", "VERSION", "STATE", "TIER", "SURFACE", "TYPE", "OWNER",
+                                "PARENT", "EXAMPLES", "CREATED", "WHY"]
     assert len(lines) == 4
     assert "rollback of v2 holds it until a promote" in lines[1]
     assert "held by a rollback" in lines[2] and "gate says better" not in lines[2]
