@@ -95,7 +95,12 @@ def launch_plan(records: Iterable[dict], ready: set[Key]) -> LaunchPlan:
     live = [r for r in records if r.get("state") == LIVE and (r["model"], r["version"]) in ready]
     if not live:
         return LaunchPlan()
-    chosen = max(live, key=_live_since)
+    return _model_plan(records, max(live, key=_live_since), ready)
+
+
+def _model_plan(records: list[dict], chosen: dict, ready: set[Key]) -> LaunchPlan:
+    """``chosen`` (a version of its model) as production, with that model's ready canaries
+    and shadows."""
     model = chosen["model"]
     mine = [r for r in records if r.get("model") == model and (model, r["version"]) in ready]
     canaries, left = [], 1.0
@@ -108,6 +113,104 @@ def launch_plan(records: Iterable[dict], ready: set[Key]) -> LaunchPlan:
     shadows = tuple((model, r["version"]) for r in sorted(
         (r for r in mine if r.get("state") == SHADOW), key=lambda r: _since(r, SHADOW)))
     return LaunchPlan((model, chosen["version"]), tuple(canaries), shadows)
+
+
+#: The model that ranks a surface no model names as its own: the online trainer's.
+DEFAULT_MODEL = "ranker"
+
+
+@dataclass(frozen=True)
+class ServingPlan:
+    """Which model ranks each surface, as its :class:`LaunchPlan`: ``surfaces`` for the
+    surfaces a model's production version names, ``default`` for every other surface."""
+    surfaces: tuple[tuple[str, LaunchPlan], ...] = ()
+    default: LaunchPlan = LaunchPlan()
+
+    def plan_for(self, surface: str) -> LaunchPlan:
+        """The launch plan that answers ``surface``.
+
+        >>> ServingPlan((("reels", LaunchPlan(("m", "v"))),)).plan_for("reels").production
+        ('m', 'v')
+        >>> ServingPlan((("reels", LaunchPlan(("m", "v"))),)).plan_for("explore")
+        LaunchPlan(production=None, canaries=(), shadows=())
+        """
+        for name, plan in self.surfaces:
+            if name == surface:
+                return plan
+        return self.default
+
+
+def _production(records: list[dict], model: str, ready: set[Key],
+                serving: Optional[str]) -> Optional[dict]:
+    """``model``'s production record: its live version made live last among those whose
+    weights are here.  While a live version's weights are still arriving, the version
+    ``serving`` before keeps serving if it was retired (replaced); not if rolled back."""
+    live = [r for r in records if r.get("model") == model and r.get("state") == LIVE]
+    here = [r for r in live if (model, r["version"]) in ready]
+    if here:
+        return max(here, key=_live_since)
+    before = next((r for r in records if r.get("model") == model
+                   and r.get("version") == serving), None)
+    if live and before is not None and before.get("state") == RETIRED \
+            and (model, serving) in ready:
+        return before
+    return None
+
+
+def serving_plan(records: Iterable[dict], ready: set[Key], *,
+                 serving: Optional[dict[str, str]] = None,
+                 default_model: str = DEFAULT_MODEL) -> ServingPlan:
+    """Per surface, the model that ranks it and that model's launch (production, canaries,
+    shadows: :func:`launch_plan`'s rules, applied to each model on its own).
+
+    A model ranks the surface its production record names (``surface``); were two to
+    name one, the one made live last.  Every other surface gets the default: the
+    production version of ``default_model`` or of a model whose production names no
+    surface, the one made live last (with one such model, as before several models
+    served).  ``serving``: model -> the version that served it before (see
+    :func:`_production`).
+
+    >>> records = [
+    ...     {"model": "ranker", "version": "p1", "state": "live", "history": [[1, "live"]]},
+    ...     {"model": "reels", "version": "r1", "state": "live", "surface": "reels",
+    ...      "history": [[2, "live"]]},
+    ...     {"model": "reels", "version": "r2", "state": "canary", "traffic_share": 0.5}]
+    >>> plan = serving_plan(records, {("ranker", "p1"), ("reels", "r1"), ("reels", "r2")})
+    >>> plan.plan_for("explore").production, plan.plan_for("reels").production
+    (('ranker', 'p1'), ('reels', 'r1'))
+    >>> plan.plan_for("reels").canaries
+    ((('reels', 'r2'), 0.5),)
+    """
+    records = list(records)
+    serving = serving or {}
+    productions = [p for p in (_production(records, m, ready, serving.get(m))
+                               for m in sorted({r.get("model") for r in records
+                                                if r.get("state") == LIVE}))
+                   if p is not None]
+    owners: dict[str, dict] = {}
+    defaults = []
+    for p in productions:
+        surface = p.get("surface")
+        if surface:
+            if surface not in owners or _live_since(p) > _live_since(owners[surface]):
+                owners[surface] = p
+        if not surface or p["model"] == default_model:
+            defaults.append(p)
+    default = (_model_plan(records, max(defaults, key=_live_since), ready) if defaults
+               else LaunchPlan())
+    return ServingPlan(tuple((s, _model_plan(records, p, ready))
+                             for s, p in sorted(owners.items())), default)
+
+
+def select(plan: ServingPlan, surface: str, user_id: str) -> Route:
+    """Which version answers ``user_id`` on ``surface`` and which score it in shadow: the
+    surface's own model's :func:`route`, or the default model's.
+
+    >>> plan = ServingPlan((("reels", LaunchPlan(("reels", "r1"))),), LaunchPlan(("ranker", "p1")))
+    >>> select(plan, "reels", "u1").serve, select(plan, "home", "u1").serve
+    (('reels', 'r1'), ('ranker', 'p1'))
+    """
+    return route(plan.plan_for(surface), user_id)
 
 
 def bucket(model: str, user_id: str) -> float:

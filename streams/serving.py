@@ -3,9 +3,12 @@
 Requests are keyed by user id, so they arrive on the partition that holds the
 user's history; item-side state comes from the shared view.  The funnel itself
 is :func:`models.funnel.recommend`; this agent only decodes, calls it, replies
-and counts.  Which version answers is :func:`models.launch.route`'s choice (the live
-one, or a canary for its share of users); versions in shadow score the served items
-after the reply is sent, and their predictions are logged tagged ``shadow``.
+and counts.  Which model and version answer is :func:`models.launch.select`'s choice:
+the model whose production version names the request's surface (else the default
+model), and of that model the live version, or a canary for its share of users;
+versions in shadow score the served items after the reply is sent, and their
+predictions are logged tagged ``shadow``.  The reply names the model and version that
+ranked it (``model_versions["ranker"]``, ``model:version``).
 
 A request whose deadline has passed when it is read is not worked on
 (``requests_expired``): its client has stopped waiting, and after an outage
@@ -19,6 +22,7 @@ import time
 import orjson
 
 from models.funnel import Candidate, recommend
+from models.launch import PRODUCTION, ServingPlan, select, serving_plan
 from models.history import UserHistory
 from models.sources import RetrievalContext
 from schemas.events import SchemaError, decode_json
@@ -66,6 +70,62 @@ def shadow_predictions(shadows, req: RecommendationRequest, history: UserHistory
     return out
 
 
+#: The serving plan (:func:`models.launch.serving_plan`) and what it was made from: it is
+#: made again when the view swaps its launch plan (it does on every registry record and
+#: every version whose weights arrive), when the registry or the loaded versions change
+#: in number, and at least every REPLAN_S.
+REPLAN_S = 1.0
+_plan: dict = {"plan": ServingPlan(), "launch": None, "sizes": None, "at": float("-inf")}
+#: Scorers of the versions serving answers with that the view keeps none for (another
+#: surface's model, its canaries and shadows), (model, version) -> ModelScorer.
+_scorers: dict = {}
+
+
+def serving_now(now: float) -> ServingPlan:
+    """The serving plan for the view's registry and loaded versions."""
+    sizes = (len(view.registry), len(view.models))
+    cached = _plan["plan"]
+    if (_plan["launch"] is view.launch and _plan["sizes"] == sizes
+            and now - _plan["at"] < REPLAN_S):
+        return cached
+    plans = [cached.default] + [p for _, p in cached.surfaces]
+    before = {p.production[0]: p.production[1] for p in plans if p.production}
+    plan = serving_plan(list(view.registry.values()), set(view.models), serving=before)
+    keys = {k for p in [plan.default] + [p for _, p in plan.surfaces]
+            for k in [p.production, *(c for c, _ in p.canaries), *p.shadows] if k}
+    for gone in set(_scorers) - keys:
+        del _scorers[gone]
+    _plan.update(plan=plan, launch=view.launch, sizes=sizes, at=now)
+    return plan
+
+
+def scorer_for(key):
+    """The scorer of version ``key``: the view's own when it has one (the live version it
+    chose, its canaries and shadows), else one kept here; None without its weights."""
+    if key is None:
+        return None
+    live = view.scorer
+    if live is not None and (live.model, live.version) == key:
+        return live
+    scorer = view.trial_scorers.get(key) or _scorers.get(key)
+    if scorer is None and key in view.models:
+        from models.scoring import ModelScorer
+        scorer = _scorers[key] = ModelScorer(view.models[key], *key)
+    return scorer
+
+
+def choose(req: RecommendationRequest, now: float):
+    """(scorer, role, shadow scorers) for one request: :func:`models.launch.select` on the
+    serving plan, mapped to scorers (a canary without one leaves its users to production)."""
+    plan = serving_now(now)
+    chosen = select(plan, req.surface, req.user_id)
+    shadows = [s for s in map(scorer_for, chosen.shadows) if s is not None]
+    scorer = scorer_for(chosen.serve)
+    if scorer is None and chosen.role != PRODUCTION:
+        return scorer_for(plan.plan_for(req.surface).production), PRODUCTION, shadows
+    return scorer, chosen.role, shadows
+
+
 def expired(req: RecommendationRequest, now: float) -> bool:
     """The request's deadline has passed: nobody waits for its reply any more.
 
@@ -111,8 +171,9 @@ async def serve_one(event) -> None:
         return
     history = UserHistory.from_dict(user_history.get(req.user_id))
     predictions: list = []
-    # The live version, or a canary for its share of users (models/launch.py).
-    scorer, role, shadows = view.route(req.user_id)
+    # The surface's model (else the default one): its live version, or a canary for its
+    # share of users (models/launch.py).
+    scorer, role, shadows = choose(req, received)
     reply = recommend(req, history, view, config=view.funnel_config(req.surface),
                       scorer=scorer, predictions=predictions)
     # The reply first: the client is waiting; the bookkeeping is not.
