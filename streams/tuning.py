@@ -73,6 +73,8 @@ class _Consumer(faust_aiokafka.Consumer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.reads = ContiguousReads()
+        #: (partition, offset) of messages a stream handed to an agent, until acked.
+        self.handed_to_agents: dict = {}
         handle = self.callback
 
         async def hand_to_streams(message) -> None:
@@ -102,6 +104,9 @@ class _Consumer(faust_aiokafka.Consumer):
             if tp in self.assignment():
                 reads.rewinding(tp, offset)
                 metrics.counters["reads_rewound_over_a_hole"] += 1
+                log.info("%s[%d]: offsets from %d did not reach the streams (a fetch cut "
+                         "short by a rebalance, or made before a seek): reading them again",
+                         tp.topic, tp.partition, offset)
                 await self.seek(tp, offset)
 
     async def seek_to_committed(self):
@@ -117,6 +122,9 @@ class _Consumer(faust_aiokafka.Consumer):
 
     async def on_partitions_revoked(self, revoked) -> None:
         self.reads.forget(revoked)
+        revoked = set(revoked)
+        for key in [key for key in self.handed_to_agents if key[0] in revoked]:
+            del self.handed_to_agents[key]
         await super().on_partitions_revoked(revoked)
 
     async def _add_gap(self, tp, offset_from: int, offset_to: int) -> None:
@@ -131,11 +139,15 @@ class _Consumer(faust_aiokafka.Consumer):
 
     def ack(self, message) -> bool:
         app = self.app
-        if not app.flow_control.is_active() or message.generation_id != app.consumer_generation_id:
+        processed = self.handed_to_agents.pop((message.tp, message.offset), None)
+        if not processed and (not app.flow_control.is_active()
+                              or message.generation_id != app.consumer_generation_id):
             # During a rebalance Faust's streams skip the messages they still hold, and
             # ack them: the next commit then passes offsets nobody processed, and the
             # seek after the rebalance starts beyond them.  Not acking them lets the
-            # commit stop before them, so they are read again (a redelivery).
+            # commit stop before them, so they are read again (a redelivery).  One an
+            # agent processed is acked: read again it would be processed twice (a
+            # request answered twice).
             withhold_ack(self, message)
             return False
         return super().ack(message)
@@ -197,6 +209,26 @@ class ContiguousReads:
     def rewinding(self, tp, offset: int) -> None:
         at, times = self.rewinds.get(tp, (None, 0))
         self.rewinds[tp] = (offset, times + 1 if at == offset else 1)
+
+
+class _Stream(faust.Stream):
+    """Notes each event it hands to an agent, so that an ack during a rebalance can
+    tell a message the agent processed from one the stream skipped."""
+
+    def _handing(self, event) -> None:
+        message = event.message
+        self.app.consumer.handed_to_agents[(message.tp, message.offset)] = True
+
+    async def events(self):
+        async for event in super().events():
+            self._handing(event)
+            yield event
+
+    async def take_events(self, max_: int, within):
+        async for batch in super().take_events(max_, within):
+            for event in batch:
+                self._handing(event)
+            yield batch
 
 
 def withhold_ack(consumer, message) -> None:
@@ -314,6 +346,7 @@ class StreamrecApp(faust.App):
         _Worker.stop_timeout = stop_timeout
         kwargs.setdefault("TableManager", _TableManager)
         kwargs.setdefault("Worker", _Worker)
+        kwargs.setdefault("Stream", _Stream)
         super().__init__(*args, **kwargs)
 
     def _new_transport(self):

@@ -88,12 +88,13 @@ def consumer_in(flow_active: bool, generation: int):
     consumer.app = SimpleNamespace(flow_control=Flow(flow_active),
                                    consumer_generation_id=generation)
     consumer._unacked_messages = set()
+    consumer.handed_to_agents = {}
     return consumer
 
 
 class Message:
     def __init__(self, generation: int):
-        self.acked, self.generation_id, self.offset = False, generation, 7
+        self.acked, self.generation_id, self.offset, self.tp = False, generation, 7, EVENTS0
 
 
 @pytest.mark.parametrize("flow_active,generation", [(False, 3), (True, 4)])
@@ -107,6 +108,19 @@ def test_messages_skipped_in_a_rebalance_are_not_acked(monkeypatch, flow_active,
     consumer._unacked_messages.add(message)
     assert consumer.ack(message) is False
     assert acked == [] and message not in consumer._unacked_messages
+
+
+@pytest.mark.parametrize("flow_active,generation", [(False, 3), (True, 4)])
+def test_messages_an_agent_processed_are_acked_in_a_rebalance(monkeypatch, flow_active,
+                                                               generation):
+    # Read again, a request would be answered twice.
+    from faust.transport.drivers import aiokafka as faust_aiokafka
+    acked = []
+    monkeypatch.setattr(faust_aiokafka.Consumer, "ack", lambda self, m: acked.append(m) or True)
+    consumer, message = consumer_in(flow_active, generation), Message(3)
+    consumer.handed_to_agents[(message.tp, message.offset)] = True
+    assert consumer.ack(message) is True and acked == [message]
+    assert consumer.handed_to_agents == {}
 
 
 def test_messages_of_the_current_assignment_are_acked(monkeypatch):
@@ -142,6 +156,7 @@ class ScriptedConsumer(_Consumer):
         self.seeks: list = []
         self.app = SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda topic: True))
         self._read_offset = {}
+        self.handed_to_agents = {}
 
     def assignment(self):
         return {EVENTS0}
