@@ -26,7 +26,7 @@ import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from models.funnel import DEFAULT_CONFIG, FunnelConfig
-from models.launch import PRODUCTION, LaunchPlan, launch_plan, route
+from models.launch import DEFAULT_MODEL, PRODUCTION, LaunchPlan, launch_plan, route
 from models.trending import merge_snapshots
 from schemas.topics import (AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, MODEL_REGISTRY, MODEL_WEIGHTS,
                             PREGEN, TRENDING_SNAPSHOTS)
@@ -244,6 +244,14 @@ class SharedItemView:
             log.info("model %s version %s loaded (%d bytes)", model, version, len(blob))
             self._choose_live_model()
 
+    def _default_records(self) -> list:
+        """Records of the default model (``ranker``, or one whose records name no
+        surface): the view's scorer is the one surfaces without a model of their own
+        get, and the one the trainer, the tower index and ``live_model`` follow; a
+        surface's own model (``models.launch.serving_plan``) must not move them."""
+        return [r for r in self.registry.values()
+                if not r.get("surface") or r.get("model") == DEFAULT_MODEL]
+
     def _choose_live_model(self) -> None:
         """Serve the version the registry marks live, once its weights have arrived.
 
@@ -254,7 +262,7 @@ class SharedItemView:
         its favour keeps serving; one rolled back stops at once.
         """
         from models.scoring import ModelScorer
-        live = [r for r in self.registry.values() if r.get("state") == "live"]
+        live = [r for r in self._default_records() if r.get("state") == "live"]
         ready = [r for r in live if (r["model"], r["version"]) in self.models]
         if not ready:
             current = self.scorer
@@ -279,7 +287,7 @@ class SharedItemView:
         """The canaries and shadows beside the live version (:func:`models.launch.launch_plan`),
         with a scorer each; a version that leaves its trial stops at once."""
         from models.scoring import ModelScorer
-        plan = launch_plan(list(self.registry.values()), set(self.models))
+        plan = launch_plan(self._default_records(), set(self.models))
         if self.scorer is None or plan.production != (self.scorer.model, self.scorer.version):
             plan = LaunchPlan()
         keys = [k for k, _ in plan.canaries] + list(plan.shadows)

@@ -112,3 +112,26 @@ def test_corrupt_weights_are_refused():
     v.apply(MODEL_WEIGHTS, b"ranker/v1/part-0000", b"tampered")
     v.apply(MODEL_WEIGHTS, b"ranker/v1/manifest", orjson.dumps(manifest_for(blob, 1)))
     assert v.bad_messages == 1 and not v.models
+
+
+def test_a_surface_model_made_live_later_leaves_the_default_scorer(monkeypatch):
+    # The trainer, the tower index and live_model follow the default model: a reels
+    # model promoted after the trainer's version must not take them over.
+    import stores.shared_view as sv
+    monkeypatch.setattr(sv, "trainer_from_bytes", lambda blob: ("trainer", blob))
+    monkeypatch.setattr(SharedItemView, "refresh_tower_index", lambda self, scorer: 0)
+    v = SharedItemView("unused:0")
+    for model, version in (("ranker", "v1"), ("reels_ranker", "r1")):
+        blob = f"{model}-{version}".encode() * 50
+        parts = split(blob, chunk_bytes=300)
+        for n, part in enumerate(parts):
+            v.apply(MODEL_WEIGHTS, f"{model}/{version}/part-{n:04d}".encode(), part)
+        v.apply(MODEL_WEIGHTS, f"{model}/{version}/manifest".encode(),
+                orjson.dumps(manifest_for(blob, len(parts))))
+    v.apply(MODEL_REGISTRY, b"ranker/v1", orjson.dumps(
+        {"model": "ranker", "version": "v1", "state": "live", "history": [[1.0, "live"]]}))
+    v.apply(MODEL_REGISTRY, b"reels_ranker/r1", orjson.dumps(
+        {"model": "reels_ranker", "version": "r1", "state": "live", "surface": "reels",
+         "history": [[2.0, "live"]]}))
+    assert (v.scorer.model, v.scorer.version) == ("ranker", "v1")
+    assert v.launch.production == ("ranker", "v1")
