@@ -16,7 +16,8 @@ Policies (:class:`Policy`):
   topic with the reason.
 - ``DROP``: count and log only, for work that is redone anyway: a label clock
   tick (the next tick closes the same windows), a request (its client's
-  deadline ends it).
+  deadline ends it), a training batch (training must never stop serving; the
+  next batch trains on).
 
 Counters: ``<agent>_errors`` for each failed unit of work and
 ``<agent>_messages_failed`` for each message dead-lettered after failing alone.

@@ -33,6 +33,7 @@ from models.gate import GateRules, ProgressiveValidation, labels_and_mask
 from schemas.topics import TRAINING_EXAMPLES
 from stores import model_store
 from streams import metrics
+from streams.agent_errors import Policy, guarded
 from streams.app import app
 from streams.settings import settings
 from streams.view import view
@@ -146,49 +147,49 @@ def _adopt_live(live) -> bool:
 
 @app.agent(examples_topic)
 async def train(stream):
-    loop = asyncio.get_running_loop()
     async for batch in stream.take_events(50, within=1.0):
-        if not settings.online_training:
-            continue
-        try:
-            live = _live_scorer()
-            if _adopt_live(live) or state["trainer"] is None:
-                # Start from what serving uses: at start-up, and whenever an operator
-                # bootstraps, promotes or rolls back a version.
-                state["trainer"], state["parent"] = await loop.run_in_executor(
-                    _executor, _resume_or_start)
-                state["made_live"], state["window"] = None, None
-            examples, offsets = [], {}
-            for event in batch:
-                for d in orjson.loads(event.value):
-                    try:
-                        examples.append(example_from_record(d))
-                    except (KeyError, TypeError, ValueError):
-                        metrics.counters["bad_training_examples"] += 1
-                partition, offset = str(event.message.partition), event.message.offset
-                state["offsets"][partition] = offset
-                first, _ = offsets.get(partition, (offset, offset))
-                offsets[partition] = (min(first, offset), offset)
-            if not examples:
-                continue
-            await loop.run_in_executor(_executor, _validate, examples, live, offsets)
-            state["losses"] = await loop.run_in_executor(_executor, _fit, examples)
-            state["since_publish"] += len(examples)
-            metrics.counters["examples_trained"] += len(examples)
-            now = time.time()
-            if now - state["last_publish"] >= settings.publish_interval_s:
-                record = await loop.run_in_executor(_executor, _publish)
-                state["last_publish"], state["since_publish"] = now, 0
-                metrics.counters["model_versions_published"] += 1
-                metrics.counters[f"model_versions_{record['state']}"] += 1
-                app.logger.info("published %s %s (%s) after %d examples: %s", MODEL,
-                                record["version"], record["state"],
-                                record["lineage"]["examples_seen"],
-                                record.get("reason") or record["decision"]["reason"])
-        except Exception:
-            # Training must never take serving down with it.
-            metrics.counters["trainer_errors"] += 1
-            app.logger.exception("training on a batch of %d messages failed", len(batch))
+        if settings.online_training:
+            # Training must never take serving down with it: a failed batch is counted,
+            # logged and dropped (the next batch trains on).
+            await guarded("trainer", train_batch, batch, Policy.DROP)
+
+
+async def train_batch(batch) -> None:
+    loop = asyncio.get_running_loop()
+    live = _live_scorer()
+    if _adopt_live(live) or state["trainer"] is None:
+        # Start from what serving uses: at start-up, and whenever an operator
+        # bootstraps, promotes or rolls back a version.
+        state["trainer"], state["parent"] = await loop.run_in_executor(
+            _executor, _resume_or_start)
+        state["made_live"], state["window"] = None, None
+    examples, offsets = [], {}
+    for event in batch:
+        for d in orjson.loads(event.value):
+            try:
+                examples.append(example_from_record(d))
+            except (KeyError, TypeError, ValueError):
+                metrics.counters["bad_training_examples"] += 1
+        partition, offset = str(event.message.partition), event.message.offset
+        state["offsets"][partition] = offset
+        first, _ = offsets.get(partition, (offset, offset))
+        offsets[partition] = (min(first, offset), offset)
+    if not examples:
+        return
+    await loop.run_in_executor(_executor, _validate, examples, live, offsets)
+    state["losses"] = await loop.run_in_executor(_executor, _fit, examples)
+    state["since_publish"] += len(examples)
+    metrics.counters["examples_trained"] += len(examples)
+    now = time.time()
+    if now - state["last_publish"] >= settings.publish_interval_s:
+        record = await loop.run_in_executor(_executor, _publish)
+        state["last_publish"], state["since_publish"] = now, 0
+        metrics.counters["model_versions_published"] += 1
+        metrics.counters[f"model_versions_{record['state']}"] += 1
+        app.logger.info("published %s %s (%s) after %d examples: %s", MODEL,
+                        record["version"], record["state"],
+                        record["lineage"]["examples_seen"],
+                        record.get("reason") or record["decision"]["reason"])
 
 
 def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True) -> dict:

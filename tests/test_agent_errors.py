@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -74,3 +75,25 @@ def test_cancellation_is_not_swallowed(parked):
     with pytest.raises(asyncio.CancelledError):
         asyncio.run(guarded("ingest", cancelled, [message(1)], Policy.ONE_BY_ONE))
     assert metrics.counters == {} and parked == []
+
+
+def test_a_failing_training_batch_is_dropped_and_the_next_trains(parked, monkeypatch):
+    from streams import trainer
+    trained = []
+
+    async def train_batch(batch):
+        if batch[0].message.offset == 1:
+            raise ValueError("a bad batch")
+        trained.append(batch[0].message.offset)
+
+    class Stream:
+        async def take_events(self, n, within):
+            for offset in (1, 2):
+                yield [message(offset)]
+
+    monkeypatch.setattr(trainer, "train_batch", train_batch)
+    monkeypatch.setattr(trainer, "settings", dataclasses.replace(trainer.settings,
+                                                                 online_training=True))
+    asyncio.run(trainer.train.fun(Stream()))
+    assert trained == [2]
+    assert metrics.counters["trainer_errors"] == 1 and parked == []
