@@ -150,8 +150,9 @@ def test_one_model_serving_picks_exactly_what_the_view_routes(view):
 def test_two_surfaces_are_served_by_their_own_models(view):
     put(view, rec("ranker", "p1", "live", t=1.0),
         rec("reels_ranker", "r1", "live", t=2.0, surface="reels"))
-    # The view serves the version made live last: reels_ranker's.  Explore stays ranker's.
-    assert (view.scorer.model, view.scorer.version) == ("reels_ranker", "r1")
+    # The view's own scorer stays the default model's (the trainer, the tower index and
+    # live_model follow it); reels_ranker's is kept by serving.
+    assert (view.scorer.model, view.scorer.version) == ("ranker", "p1")
     assert ask("explore") == (("ranker", "p1"), "production", [])
     assert ask("home") == (("ranker", "p1"), "production", [])
     assert ask("reels") == (("reels_ranker", "r1"), "production", [])
