@@ -61,3 +61,43 @@ def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
             bar.close()
     finally:
         consumer.close()
+
+
+def keys_since(bootstrap: str, topic: str, since: float, *, timeout: float = 5.0) -> set:
+    """The keys of every message ``topic`` received from ``since`` (epoch seconds) to
+    where each partition ends now, read group-less.
+
+    Raises :class:`TimeoutError` when the read does not finish within ``timeout``.
+    """
+    consumer = Consumer(client_config(bootstrap, {"group.id": "streamrec-reader",
+                                               "enable.auto.commit": False}))
+    try:
+        meta = consumer.list_topics(topic, timeout=timeout).topics[topic]
+        if meta.error is not None:
+            raise RuntimeError(f"topic {topic!r}: {meta.error}")
+        starts = consumer.offsets_for_times(
+            [TopicPartition(topic, p, int(since * 1000)) for p in meta.partitions],
+            timeout=timeout)
+        remaining, assign = {}, []
+        for tp in starts:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition),
+                                                       timeout=timeout)
+            if 0 <= tp.offset < high:  # -1: nothing that new
+                remaining[tp.partition] = high - 1
+                assign.append(TopicPartition(topic, tp.partition, tp.offset))
+        keys: set = set()
+        consumer.assign(assign)
+        deadline = time.monotonic() + timeout
+        while remaining:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic!r} since {since:.0f}: "
+                                   f"{len(remaining)} partition(s) not read within {timeout:g} s")
+            for msg in consumer.consume(1000, timeout=0.5):
+                if msg.error() or msg.partition() not in remaining:
+                    continue
+                keys.add(msg.key())
+                if msg.offset() >= remaining[msg.partition()]:
+                    del remaining[msg.partition()]
+        return keys
+    finally:
+        consumer.close()

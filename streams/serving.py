@@ -10,6 +10,8 @@ versions in shadow score the served items after the reply is sent, and their
 predictions are logged tagged ``shadow``.  The reply names the model and version that
 ranked it (``model_versions["ranker"]``, ``model:version``).
 
+A request read again after its partition changed hands, whose reply a previous
+owner already sent, is not answered again (:func:`answered_before`).
 A request whose deadline has passed when it is read is not worked on
 (``requests_expired``): its client has stopped waiting, and after an outage
 (a redelivered backlog, a worker that took over) answering it would only delay
@@ -17,7 +19,9 @@ the requests that can still be answered in time.
 """
 from __future__ import annotations
 
+import asyncio
 import time
+from functools import partial
 
 import orjson
 
@@ -36,6 +40,7 @@ from streams.deadletters import send_dead_letter
 from streams.tables import user_history
 from streams.settings import settings
 from streams.view import view
+from stores.topic_reader import keys_since
 
 requests_topic = app.topic(REQUESTS)
 replies_topic = app.topic(REPLIES)
@@ -126,6 +131,48 @@ def choose(req: RecommendationRequest, now: float):
     return scorer, chosen.role, shadows
 
 
+#: Requests partition -> its end offset when this process first served from it: below
+#: it, a previous owner may have answered a request already (it was killed, or lost the
+#: partition, before committing it).
+taken_over: dict = {}
+#: Ids of the requests answered by anyone in the REPLY_LOOKBACK_S before this process's
+#: assignment (consumer generation) began to be served, read once per generation.
+answered: dict = {"generation": None, "ids": frozenset()}
+#: Longer than any deadline a client sets: an older request has expired anyway.
+REPLY_LOOKBACK_S = 60.0
+
+
+@app.on_partitions_revoked.connect
+async def forget_takeovers(sender, revoked, **kwargs) -> None:
+    for tp in revoked:
+        taken_over.pop(tp, None)
+
+
+async def answered_before(msg, request_id: str) -> bool:
+    """Whether a request read again after its partition changed hands was answered
+    already: its reply is in the replies topic.  A worker killed after answering but
+    before committing leaves its requests to the next owner, which within their
+    deadline would answer them a second time."""
+    tp = msg.tp
+    if tp not in taken_over:
+        taken_over[tp] = (await app.consumer.highwaters(tp)).get(tp) or 0
+    if msg.offset >= taken_over[tp]:
+        return False
+    generation = app.consumer_generation_id
+    if answered["generation"] != generation:
+        ids: frozenset = frozenset()
+        try:
+            ids = frozenset(await asyncio.get_running_loop().run_in_executor(
+                None, partial(keys_since, settings.bootstrap, REPLIES,
+                              time.time() - REPLY_LOOKBACK_S)))
+        except Exception as exc:  # the broker away: answering twice beats not answering
+            metrics.counters["reply_reads_failed"] += 1
+            app.logger.warning("could not read %s for requests answered before: %r",
+                               REPLIES, exc)
+        answered.update(generation=generation, ids=ids)
+    return request_id.encode() in answered["ids"]
+
+
 def expired(req: RecommendationRequest, now: float) -> bool:
     """The request's deadline has passed: nobody waits for its reply any more.
 
@@ -163,6 +210,9 @@ async def serve_one(event) -> None:
         return
     if expired(req, received):
         metrics.counters["requests_expired"] += 1
+        return
+    if await answered_before(msg, req.request_id):
+        metrics.counters["requests_answered_before"] += 1
         return
     expected = partition_for(req.user_id, settings.partitions)
     if expected != msg.partition:
