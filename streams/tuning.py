@@ -89,12 +89,12 @@ class _Consumer(faust_aiokafka.Consumer):
         # Faust stops handing out a fetch when the flow stops or the generation
         # changes, and a fetch made before a seek can still be handed out after it:
         # either way the next records the streams see lie beyond ones they never got.
-        reads, holes, acked = self.reads, {}, {}
+        reads, holes = self.reads, {}
         async with aclosing(super().getmany(timeout)) as fetched:
             async for tp, message in fetched:
                 if tp in holes:
                     continue
-                if acked.setdefault(tp.topic, self.app.topics.acks_enabled_for(tp.topic)):
+                if self.app.topics.acks_enabled_for(tp.topic):
                     again = reads.check(tp, message.offset)
                     if again is not None:
                         holes[tp] = again
