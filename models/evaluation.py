@@ -38,6 +38,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 from models.features import HEADS
+from models.gate import labels_and_mask
 from models.launch import MIN_EXAMPLES, breaches, launch_slo
 from models.metrics import summarize
 from models.stability import judged
@@ -124,14 +125,7 @@ def labels_matrix(examples: Sequence[dict], heads: Sequence[str] = HEADS
     >>> y.tolist(), m.tolist()
     ([[1.0, 0.0], [0.0, 0.0]], [[True, True], [False, False]])
     """
-    y = np.zeros((len(examples), len(heads)))
-    mask = np.zeros(y.shape, dtype=bool)
-    for i, example in enumerate(examples):
-        got = example.get("labels") or {}
-        for j, head in enumerate(heads):
-            if head in got:
-                y[i, j], mask[i, j] = float(got[head]), True
-    return y, mask
+    return labels_and_mask([example.get("labels") or {} for example in examples], heads)
 
 
 def head_quality(labels, mask, probs, heads: Sequence[str] = HEADS) -> dict:

@@ -82,6 +82,12 @@ class Example:
         return asdict(self)
 
     @classmethod
+    def from_record(cls, d: dict) -> "Example":
+        """A training example from a label-join record: serving's own prediction
+        (``predicted``) rides along for the stability monitor and is not a feature."""
+        return cls.from_dict({k: v for k, v in d.items() if k != "predicted"})
+
+    @classmethod
     def from_dict(cls, d: dict) -> "Example":
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known

@@ -114,18 +114,13 @@ def batches(examples: list[dict]) -> list[tuple[bool, list[int]]]:
     return out
 
 
-def _example(d: dict) -> Example:
-    # What serving predicted is carried for the stability monitor; it is not a feature.
-    return Example.from_dict({k: v for k, v in d.items() if k != "predicted"})
-
-
 def score(trainers: dict, examples: list[dict], *, k: int, progress: bool) -> dict:
     """Each version's probabilities at the shown positions, its ranking scores for
     HitRate (requests with more than ``k`` items) and what scoring cost it."""
     from tqdm import tqdm
 
     from models.value import value_scores, weights_for
-    rows = [_example(d) for d in examples]
+    rows = [Example.from_record(d) for d in examples]
     probs = {v: np.zeros((len(rows), len(HEADS))) for v in trainers}
     ranking = {v: np.full(len(rows), np.nan) for v in trainers}
     wall = {v: [] for v in trainers}

@@ -51,11 +51,6 @@ state = {"trainer": None, "parent": None, "last_publish": 0.0, "offsets": {}, "l
          "since_publish": 0, "window": None, "made_live": None, "seen_live": None}
 
 
-def example_from_record(d: dict) -> Example:
-    """A training example from a label-join record (serving's own prediction is not a feature)."""
-    return Example.from_dict({k: v for k, v in d.items() if k != "predicted"})
-
-
 def _live_scorer():
     live = view.scorer
     return live if live is not None and live.model == MODEL else None
@@ -167,7 +162,7 @@ async def train_batch(batch) -> None:
     for event in batch:
         for d in orjson.loads(event.value):
             try:
-                examples.append(example_from_record(d))
+                examples.append(Example.from_record(d))
             except (KeyError, TypeError, ValueError):
                 metrics.counters["bad_training_examples"] += 1
         partition, offset = str(event.message.partition), event.message.offset
@@ -200,7 +195,7 @@ def bootstrap(bootstrap_servers: str, *, epochs: int = 2, progress: bool = True)
     examples, last_offset = [], -1
     for msg in read_to_end(bootstrap_servers, TRAINING_EXAMPLES,
                            progress="read examples" if progress else None):
-        examples.extend(example_from_record(d) for d in orjson.loads(msg.value()))
+        examples.extend(Example.from_record(d) for d in orjson.loads(msg.value()))
         last_offset = max(last_offset, msg.offset())
     if not examples:
         raise RuntimeError("no labelled examples in 'training.examples' yet: replay events first")
