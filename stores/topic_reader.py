@@ -15,7 +15,7 @@ from streams.kafka_config import client_config
 
 def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
                 timeout: Optional[float] = None, since: Optional[float] = None,
-                request_timeout: float = 10.0) -> Iterator:
+                request_timeout: float = 10.0, wait_s: float = 1.0) -> Iterator:
     """Yield every message now in ``topic`` (confluent-kafka ``Message`` objects).
 
     ``progress``: a tqdm description to show a progress bar, or None for none.
@@ -23,6 +23,7 @@ def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
     (the messages yielded so far stand); None waits as long as it takes.
     ``since``: epoch seconds; only messages the topic received from then on.
     ``request_timeout``: seconds for each metadata request before the read starts.
+    ``wait_s``: how long each fetch waits for a full batch of 1,000 messages.
     """
     consumer = Consumer(client_config(bootstrap, {"group.id": "streamrec-reader",
                                                "enable.auto.commit": False}))
@@ -55,7 +56,7 @@ def read_to_end(bootstrap: str, topic: str, *, progress: Optional[str] = None,
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic!r}: {len(remaining)} partition(s) not read "
                                    f"to their end within {timeout:g} s")
-            for msg in consumer.consume(1000, timeout=1.0):
+            for msg in consumer.consume(1000, timeout=wait_s):
                 if msg.error():
                     continue
                 last = remaining.get(msg.partition())
@@ -78,5 +79,6 @@ def keys_since(bootstrap: str, topic: str, since: float, *, timeout: float = 5.0
 
     Raises :class:`TimeoutError` when the read does not finish within ``timeout``.
     """
+    # Serving waits for this read when it takes a partition over: short fetch waits.
     return {msg.key() for msg in read_to_end(bootstrap, topic, timeout=timeout, since=since,
-                                             request_timeout=timeout)}
+                                             request_timeout=timeout, wait_s=0.1)}
