@@ -7,7 +7,11 @@ manifest (written last, with the SHA-256 of the whole), and described in the
 its chunks on the reading side and refuses anything incomplete or corrupt.
 
 Weights travel as float16 (half the bytes; scores differ in the 3rd-4th
-decimal) and load back as float32.
+decimal) and load back as float32.  A version is a full snapshot or, when the
+publisher passes a :class:`WeightDeltas`, a delta on the last full snapshot
+(:mod:`models.weight_delta`: only the embedding rows that changed); its manifest
+says which (``kind``, ``base``), and retention never drops a base a kept delta
+needs (:func:`weights_to_drop`).
 
 >>> a = WeightAssembler()
 >>> parts = split(b"x" * 10, chunk_bytes=4)
@@ -23,11 +27,15 @@ from typing import Callable, Optional
 
 import torch
 
+from models import weight_delta
 from models.registry import (LIVE, RETIRED, ROLLED_BACK, hold_for_rollback, moved,
                              record_key, release, stamp, validate_record)
 from streams.kafka_config import client_config
 
 CHUNK_BYTES = 900_000
+#: The model's tensors in a serving state; every other key is plain data.
+NETS = ("tower", "ranker", "calibration")
+DELTA_FORMAT = "streamrec.weights.delta/1"
 #: Every registry writer uses this transactional id: a writer that starts fences the
 #: one before it (Kafka's transaction coordinator), so writes are serialised.
 REGISTRY_WRITER_ID = "streamrec.models.registry.writer"
@@ -41,26 +49,41 @@ def manifest_for(blob: bytes, parts: int) -> dict:
     return {"parts": parts, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
 
 
-def serving_bytes(trainer) -> bytes:
-    """The weights serving needs (no optimiser state), as float16."""
+def serving_state(trainer) -> dict:
+    """The weights serving needs (no optimiser state), embedding tables and layers as
+    float16.  A version loaded back gives the same state bit for bit (float16 values
+    are exact in float32), so a reader can rebuild a delta on the model it serves."""
     state = trainer.state_dict()
     state.pop("optimizers", None)
     for net in ("tower", "ranker"):
         state[net] = {k: v.half() if v.is_floating_point() else v for k, v in state[net].items()}
+    return state
+
+
+def state_bytes(state: dict) -> bytes:
     buf = io.BytesIO()
     torch.save(state, buf)
     return buf.getvalue()
 
 
-def trainer_from_bytes(blob: bytes, frozen: bool = True):
-    """A :class:`models.training.Trainer` from :func:`serving_bytes` output (frozen for
+def serving_bytes(trainer) -> bytes:
+    """:func:`serving_state` as bytes: a full snapshot."""
+    return state_bytes(serving_state(trainer))
+
+
+def _load(blob: bytes) -> dict:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+def trainer_from_state(state: dict, frozen: bool = True):
+    """A :class:`models.training.Trainer` from a :func:`serving_state` (frozen for
     serving; the trainer resumes from an unfrozen one with fresh optimiser state)."""
     from dataclasses import asdict
 
     from models.mtml import RankerConfig
     from models.training import Trainer
     from models.two_tower import TowerConfig
-    state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    state = dict(state)
     for net in ("tower", "ranker"):
         state[net] = {k: v.float() if v.is_floating_point() else v for k, v in state[net].items()}
     ranker_cfg = dict(state["ranker_config"])
@@ -71,22 +94,107 @@ def trainer_from_bytes(blob: bytes, frozen: bool = True):
     return trainer.frozen_copy() if frozen else trainer
 
 
+def trainer_from_bytes(blob: bytes, frozen: bool = True):
+    """:func:`trainer_from_state` of :func:`serving_bytes` output."""
+    return trainer_from_state(_load(blob), frozen)
+
+
+def _tensors(state: dict) -> dict:
+    """A serving state's tensors, flat: ``tower.user_id.weight`` ..."""
+    return {f"{net}.{k}": v for net in NETS for k, v in state[net].items()}
+
+
+def _meta(state: dict) -> dict:
+    return {k: v for k, v in state.items() if k not in NETS}
+
+
+def rebuild(base_state: Optional[dict], payload: bytes, manifest: dict) -> dict:
+    """The serving state of a delta version (``payload`` and ``manifest`` as published),
+    rebuilt on its base's state; checked against the manifest.  Raises
+    :class:`models.weight_delta.MissingBase` when the base is None (not here)."""
+    base = manifest.get("base")
+    if base_state is None:
+        raise weight_delta.MissingBase(f"a delta on version {base}, whose weights are not here")
+    body = _load(payload)
+    if body.get("format") != DELTA_FORMAT or body.get("base") != base:
+        raise ValueError(f"not a weight delta on version {base} (format {body.get('format')!r}, "
+                         f"base {body.get('base')!r})")
+    if body["delta"]["sha256"] != manifest.get("state_sha256"):
+        raise ValueError("the delta's weights do not match their manifest")
+    tensors = weight_delta.apply(_tensors(base_state), body["delta"])
+    state = {**body["meta"], **{net: {} for net in NETS}}
+    for name, t in tensors.items():
+        net, key = name.split(".", 1)
+        state[net][key] = t
+    return state
+
+
+class WeightDeltas:
+    """The publisher's side of deltas: which snapshot the next version is a delta on.
+
+    A version is a full snapshot when it is the first, every ``full_every``-th, when
+    the last full snapshot's weights are no longer published, or when a delta would not
+    be smaller; otherwise a delta on the last full snapshot (not on the version before:
+    a reader then needs two versions at most, and retention keeps one base per delta).
+    ``full_every=1`` publishes full snapshots only.
+    """
+
+    def __init__(self, full_every: int = 10):
+        if full_every < 1:
+            raise ValueError(f"full_every must be at least 1, not {full_every}")
+        self.full_every = full_every
+        #: (version, flat tensors, fingerprint) of the last full snapshot published.
+        self.base: Optional[tuple[str, dict, str]] = None
+        self.deltas_since_full = 0
+
+    def encode(self, version: str, blob: bytes, published) -> tuple[bytes, dict]:
+        """(payload, manifest fields) for ``version`` whose full snapshot is ``blob``;
+        ``published``: the versions whose weights are in the topic now."""
+        state = _load(blob)
+        tensors = _tensors(state)
+        if (self.base is not None and self.base[0] in published
+                and self.deltas_since_full + 1 < self.full_every):
+            base_version, base_tensors, base_sha = self.base
+            d = weight_delta.diff(base_tensors, tensors, base_sha256=base_sha)
+            payload = state_bytes({"format": DELTA_FORMAT, "base": base_version,
+                                   "meta": _meta(state), "delta": d})
+            if len(payload) < len(blob):
+                self.deltas_since_full += 1
+                return payload, {"kind": "delta", "base": base_version, "state_sha256": d["sha256"]}
+        fingerprint = weight_delta.fingerprint(tensors)
+        # Remembered as written, so the next delta is made on what readers will have.
+        self.base, self.deltas_since_full = (version, tensors, fingerprint), 0
+        return blob, {"kind": "full", "state_sha256": fingerprint}
+
+
+class Weights(bytes):
+    """A version's payload as assembled, with its ``manifest`` (``kind`` ``delta`` names
+    its ``base``; no ``kind``, or ``full``, is a full snapshot)."""
+    manifest: dict
+
+    @property
+    def base(self) -> Optional[str]:
+        """The version this one is a delta on; None for a full snapshot."""
+        return self.manifest.get("base") if self.manifest.get("kind") == "delta" else None
+
+
 class WeightAssembler:
-    """Collects chunks per (model, version); returns the blob once it is whole and sound."""
+    """Collects chunks per (model, version); returns the payload (:class:`Weights`) once
+    it is whole and sound."""
 
     def __init__(self):
         self.parts: dict[tuple[str, str], dict[int, bytes]] = {}
         self.manifests: dict[tuple[str, str], dict] = {}
 
-    def add_part(self, model: str, version: str, n: int, data: bytes) -> Optional[bytes]:
+    def add_part(self, model: str, version: str, n: int, data: bytes) -> Optional[Weights]:
         self.parts.setdefault((model, version), {})[n] = data
         return self._complete(model, version)
 
-    def add_manifest(self, model: str, version: str, manifest: dict) -> Optional[bytes]:
+    def add_manifest(self, model: str, version: str, manifest: dict) -> Optional[Weights]:
         self.manifests[(model, version)] = manifest
         return self._complete(model, version)
 
-    def add_message(self, key: str, value: Optional[bytes]) -> Optional[bytes]:
+    def add_message(self, key: str, value: Optional[bytes]) -> Optional[Weights]:
         """Add one ``models.weights`` message (``model/version/part-N`` or
         ``model/version/manifest``; None is a tombstone, which forgets the version);
         returns the version's blob once it is whole and sound."""
@@ -103,7 +211,7 @@ class WeightAssembler:
         self.parts.pop((model, version), None)
         self.manifests.pop((model, version), None)
 
-    def _complete(self, model: str, version: str) -> Optional[bytes]:
+    def _complete(self, model: str, version: str) -> Optional[Weights]:
         manifest = self.manifests.get((model, version))
         parts = self.parts.get((model, version), {})
         if manifest is None or len(parts) < manifest["parts"]:
@@ -112,21 +220,28 @@ class WeightAssembler:
         self.forget(model, version)
         if len(blob) != manifest["bytes"] or hashlib.sha256(blob).hexdigest() != manifest["sha256"]:
             raise ValueError(f"{model} {version}: weights do not match their manifest")
-        return blob
+        weights = Weights(blob)
+        weights.manifest = manifest
+        return weights
 
 
 def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
-            keep_versions: int = 3, *, gate: bool = False) -> dict:
+            keep_versions: int = 3, *, gate: bool = False,
+            deltas: Optional[WeightDeltas] = None) -> dict:
     """Write a version's chunks, then its manifest, then its registry record.
 
-    The manifest goes last so readers never assemble a version with missing
-    parts; the registry record goes after it so nobody is told to serve weights
-    that are not there yet.  A record with state ``live`` retires the model's
-    other live versions (see :func:`retired_by`).  Versions beyond the newest
-    ``keep_versions`` are tombstoned (their weights leave the topic; their
-    registry records stay, as history), except the live version and the one live
-    before it (what a rollback returns to): versions the gate keeps registered
-    must not push the served weights out.
+    ``blob`` is the version's full snapshot (:func:`serving_bytes`); with ``deltas``
+    the version may go out as a delta on the last full snapshot instead
+    (:meth:`WeightDeltas.encode`).  The manifest goes last so readers never assemble
+    a version with missing parts; the registry record goes after it so nobody is
+    told to serve weights that are not there yet.  A record with state ``live``
+    retires the model's other live versions (see :func:`retired_by`).  Versions
+    beyond the newest ``keep_versions`` are tombstoned (their weights leave the
+    topic; their registry records stay, as history), except the live version and
+    the one live before it (what a rollback returns to), those on trial or an
+    operator's, and the full snapshot any kept delta is built on
+    (:func:`weights_to_drop`): versions the gate keeps registered must not push the
+    served weights out.
 
     The record and the retirements it causes are one registry write
     (:func:`write_registry`); with ``gate`` the record is first passed through
@@ -139,25 +254,56 @@ def publish(bootstrap: str, model: str, version: str, blob: bytes, record: dict,
     if (record["model"], record["version"]) != (model, version):
         raise ValueError(f"registry record {record['model']}/{record['version']} published as "
                          f"{model}/{version}")
-    producer = _write_weights(bootstrap, model, version, blob)
+    manifests = published_manifests(bootstrap, model)
+    payload, fields = blob, {}
+    if deltas is not None:
+        payload, fields = deltas.encode(version, blob, manifests)
+    producer, manifests[version] = _write_weights(bootstrap, model, version, payload, fields)
     written = write_registry(bootstrap, lambda registry: published_records(
         registry, record, gate=gate), overwrite=(record_key(record),))
     registry = read_registry(bootstrap)
-    keep = protected_versions(registry, model)
-    for old_version, old_parts in published_versions(bootstrap, model)[:-keep_versions]:
-        if old_version in keep:
-            continue
-        for n in range(old_parts):
-            producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/part-{n:04d}".encode(),
+    manifests = dict(sorted(manifests.items()))
+    for old in weights_to_drop(manifests, keep_versions, protected_versions(registry, model)):
+        for n in range(manifests[old]["parts"]):
+            producer.produce(MODEL_WEIGHTS, key=f"{model}/{old}/part-{n:04d}".encode(),
                              value=None)
-        producer.produce(MODEL_WEIGHTS, key=f"{model}/{old_version}/manifest".encode(), value=None)
+        producer.produce(MODEL_WEIGHTS, key=f"{model}/{old}/manifest".encode(), value=None)
     producer.flush(30)
     return written[0]
 
 
-def _write_weights(bootstrap: str, model: str, version: str, blob: bytes):
-    """A version's chunks, then its manifest (readers never assemble a version with
-    missing parts); returns the producer, flushed."""
+def weights_to_drop(manifests: dict[str, dict], keep_versions: int,
+                    protected: set[str]) -> list[str]:
+    """Versions whose weights may leave the topic (a delta before its base): all but the
+    newest ``keep_versions`` of ``manifests`` (oldest first) and ``protected``, and never
+    the base a kept delta is built on (nor that base's base).
+
+    >>> m = {"v1": {"kind": "full"}, "v2": {"kind": "delta", "base": "v1"},
+    ...      "v3": {"kind": "full"}, "v4": {"kind": "delta", "base": "v3"},
+    ...      "v5": {"kind": "delta", "base": "v3"}, "v6": {"kind": "delta", "base": "v3"}}
+    >>> weights_to_drop(m, 3, set())
+    ['v2', 'v1']
+    >>> weights_to_drop(m, 3, {"v2"}), weights_to_drop(m, 1, set())
+    ([], ['v5', 'v4', 'v2', 'v1'])
+    """
+    names = list(manifests)
+    kept = (set(names[-keep_versions:]) if keep_versions > 0 else set()) | (
+        protected & set(names))
+    todo = list(kept)
+    while todo:
+        manifest = manifests[todo.pop()]
+        base = manifest.get("base") if manifest.get("kind") == "delta" else None
+        if base is not None and base in manifests and base not in kept:
+            kept.add(base)
+            todo.append(base)
+    return [v for v in reversed(names) if v not in kept]
+
+
+def _write_weights(bootstrap: str, model: str, version: str, blob: bytes,
+                   fields: Optional[dict] = None):
+    """A version's chunks, then its manifest (with ``fields``: a delta's ``kind`` and
+    ``base``), so readers never assemble a version with missing parts; returns the
+    producer, flushed, and the manifest."""
     import orjson
     from confluent_kafka import Producer
 
@@ -169,11 +315,12 @@ def _write_weights(bootstrap: str, model: str, version: str, blob: bytes):
         producer.poll(0)
     if producer.flush(60):
         raise RuntimeError(f"{model} {version}: weight chunks not delivered")
+    manifest = {**manifest_for(blob, len(parts)), **(fields or {})}
     producer.produce(MODEL_WEIGHTS, key=f"{model}/{version}/manifest".encode(),
-                     value=orjson.dumps(manifest_for(blob, len(parts))))
+                     value=orjson.dumps(manifest))
     if producer.flush(30):
         raise RuntimeError(f"{model} {version}: manifest not delivered")
-    return producer
+    return producer, manifest
 
 
 def published_records(registry: dict[str, dict], record: dict, *, gate: bool = False) -> list[dict]:
@@ -198,14 +345,14 @@ def published_records(registry: dict[str, dict], record: dict, *, gate: bool = F
     return out
 
 def publish_candidate(bootstrap: str, model: str, version: str, blob: bytes,
-                      record: dict) -> dict:
+                      record: dict, *, deltas: Optional[WeightDeltas] = None) -> dict:
     """Publish a version the online trainer's gate judged; returns the record as written.
 
     The gate may say ``live``; the version is still written ``registered`` while a
     rollback holds the model, or when its tier needs an operator's approval
     (:func:`models.registry.release`).
     """
-    return publish(bootstrap, model, version, blob, record, gate=True)
+    return publish(bootstrap, model, version, blob, record, gate=True, deltas=deltas)
 
 
 def live_since(record: dict) -> float:
@@ -390,27 +537,50 @@ def retire(bootstrap: str, record: dict, by: str = "operator") -> dict:
 
 
 def version_blobs(bootstrap: str, model: str, versions) -> dict[str, bytes]:
-    """The published weights (:func:`serving_bytes` form) of ``versions`` of ``model``,
-    read from ``models.weights``; a RuntimeError names any whose weights are gone."""
+    """The published weights of ``versions`` of ``model`` as full snapshots
+    (:func:`serving_bytes` form: a delta version rebuilt on its base), read from
+    ``models.weights``; a RuntimeError names any whose weights are gone."""
     from schemas.topics import MODEL_WEIGHTS
     from stores.topic_reader import read_to_end
-    wanted, found = set(versions), {}
+    payloads: dict[str, Weights] = {}
     assembler = WeightAssembler()
     for msg in read_to_end(bootstrap, MODEL_WEIGHTS):
         key = msg.key().decode()
-        m, version, _ = key.split("/", 2)
-        if m != model or version not in wanted:
+        if key.split("/", 1)[0] != model:
             continue
+        version = key.split("/", 2)[1]
         if msg.value() is None:
-            found.pop(version, None)
-        blob = assembler.add_message(key, msg.value())
-        if blob is not None:
-            found[version] = blob
-    missing = sorted(wanted - set(found))
+            payloads.pop(version, None)
+        # Every version is kept, not only those asked for: a delta needs its base.
+        weights = assembler.add_message(key, msg.value())
+        if weights is not None:
+            payloads[version] = weights
+    states: dict[str, dict] = {}
+
+    def state_of(version: str) -> Optional[dict]:
+        if version not in payloads:
+            return None
+        if version not in states:
+            weights = payloads[version]
+            states[version] = (_load(weights) if weights.base is None else
+                               rebuild(state_of(weights.base), weights, weights.manifest))
+        return states[version]
+
+    found, missing = {}, []
+    for version in sorted(set(versions)):
+        weights = payloads.get(version)
+        try:
+            found[version] = (weights if weights is None or weights.base is None
+                              else state_bytes(state_of(version)))
+        except weight_delta.MissingBase as exc:
+            raise RuntimeError(f"{model} {version}: {exc} (tombstoned or compacted away)") \
+                from None
+        if found[version] is None:
+            missing.append(version)
     if missing:
         raise RuntimeError(f"{model} {', '.join(missing)}: weights not published (or no "
                            f"longer: older versions' weights are tombstoned)")
-    return found
+    return {v: bytes(b) for v, b in found.items()}
 
 
 def register(bootstrap: str, record: dict, blob: bytes) -> dict:
@@ -447,19 +617,25 @@ def register(bootstrap: str, record: dict, blob: bytes) -> dict:
 
 def published_versions(bootstrap: str, model: str) -> list[tuple[str, int]]:
     """(version, parts) of the model's weights still in the topic, oldest first."""
+    return [(v, m["parts"]) for v, m in published_manifests(bootstrap, model).items()]
+
+
+def published_manifests(bootstrap: str, model: str) -> dict[str, dict]:
+    """The manifest of each version of the model whose weights are still in the topic,
+    oldest first (by name: the trainer's versions start with their time)."""
     import orjson
 
     from schemas.topics import MODEL_WEIGHTS
     from stores.topic_reader import read_to_end
-    manifests: dict[str, int] = {}
+    manifests: dict[str, dict] = {}
     for msg in read_to_end(bootstrap, MODEL_WEIGHTS):
         m, version, part = msg.key().decode().split("/", 2)
         if m == model and part == "manifest":
             if msg.value() is None:
                 manifests.pop(version, None)
             else:
-                manifests[version] = orjson.loads(msg.value())["parts"]
-    return sorted(manifests.items())
+                manifests[version] = orjson.loads(msg.value())
+    return dict(sorted(manifests.items()))
 
 
 def read_registry(bootstrap: str, timeout: float = 30.0) -> dict[str, dict]:

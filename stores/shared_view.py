@@ -30,7 +30,9 @@ from models.launch import DEFAULT_MODEL, PRODUCTION, LaunchPlan, launch_plan, ro
 from models.trending import merge_snapshots
 from schemas.topics import (AUTHOR_ITEMS, CONFIG, ITEM_PROFILES, MODEL_REGISTRY, MODEL_WEIGHTS,
                             PREGEN, TRENDING_SNAPSHOTS)
-from stores.model_store import WeightAssembler, live_since, trainer_from_bytes
+from models.weight_delta import MissingBase
+from stores.model_store import (WeightAssembler, live_since, rebuild, serving_state,
+                                trainer_from_bytes, trainer_from_state)
 from streams.kafka_config import client_config
 
 log = logging.getLogger(__name__)
@@ -97,6 +99,8 @@ class SharedItemView:
         self._thread: Optional[threading.Thread] = None
         self.messages = 0
         self.bad_messages = 0
+        #: Delta versions skipped because their base was not here.
+        self.missing_bases = 0
         self.last_update = 0.0
 
     # -- ItemView ---------------------------------------------------------
@@ -229,7 +233,8 @@ class SharedItemView:
             self._choose_live_model()
 
     def apply_weights(self, key: str, value: Optional[bytes]) -> None:
-        """``model/version/part-N`` chunks and ``model/version/manifest`` (raw bytes)."""
+        """``model/version/part-N`` chunks and ``model/version/manifest`` (raw bytes); a
+        version loads when whole: a full snapshot as it is, a delta on its base."""
         model, version, part = key.split("/", 2)
         if value is None:
             self.models.pop((model, version), None)
@@ -239,10 +244,26 @@ class SharedItemView:
             blob = self._weights.add_manifest(model, version, orjson.loads(value))
         else:
             blob = self._weights.add_part(model, version, int(part.split("-")[1]), value)
-        if blob is not None:
+        if blob is None:
+            return
+        if blob.base is None:
             self.models[(model, version)] = trainer_from_bytes(blob)
-            log.info("model %s version %s loaded (%d bytes)", model, version, len(blob))
-            self._choose_live_model()
+        else:
+            # A delta is rebuilt on the base this view holds (a full snapshot, earlier in
+            # the topic).  Without it (a base gone, a topic cut short) the version is
+            # skipped, never served half-built: the next full snapshot comes soon.
+            base = self.models.get((model, blob.base))
+            try:
+                state = rebuild(None if base is None else serving_state(base), blob,
+                                blob.manifest)
+            except MissingBase as exc:
+                self.missing_bases += 1
+                log.warning("model %s version %s skipped: %s", model, version, exc)
+                return
+            self.models[(model, version)] = trainer_from_state(state)
+        log.info("model %s version %s loaded (%d bytes%s)", model, version, len(blob),
+                 f", a delta on {blob.base}" if blob.base else "")
+        self._choose_live_model()
 
     def _default_records(self) -> list:
         """Records of the default model (``ranker``, or one whose records name no

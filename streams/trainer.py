@@ -7,11 +7,12 @@ live) and takes one optimiser step per mini-batch.  Before it learns from a
 batch, the batch is scored by the trainer's current state (the candidate) and
 by the live version: progressive validation on examples neither has trained
 on (:mod:`models.gate`).  Every ``STREAMREC_PUBLISH_INTERVAL_S`` it publishes a
-version: weights to ``models.weights``, a registry record (parent, lineage,
-metrics, the gate's decision and its evidence) to ``models.registry``.  The
-version is ``live`` only if the gate says it is better than the live version
-(the first must beat the base rate), no rollback holds the model and its tier
-needs no operator's approval (:func:`models.registry.release`); otherwise it is
+version: weights to ``models.weights`` (a full snapshot every
+``STREAMREC_WEIGHTS_FULL_EVERY``-th version, deltas on it between), a registry
+record (parent, lineage, metrics, the gate's decision and its evidence) to
+``models.registry``.  The version is ``live`` only if the gate says it is better
+than the live version (the first must beat the base rate), no rollback holds the
+model and its tier needs no operator's approval (:func:`models.registry.release`); otherwise it is
 ``registered``: kept for an operator to promote, not served.  Training continues from the trainer's
 own state either way; it adopts the live version only when someone else made
 it live (a bootstrap, promote or rollback).  Workers swap to a live version
@@ -42,6 +43,9 @@ MODEL = "ranker"
 #: The gate's thresholds; STREAMREC_GATE_MIN_EXAMPLES, _MIN_POSITIVES, _MAX_NE,
 #: _MIN_NE_GAIN, _CALIBRATION_SLACK and _CALIBRATION_BAND override models/gate.py's.
 GATE_RULES = GateRules.from_env(os.environ)
+#: Every STREAMREC_WEIGHTS_FULL_EVERY-th version is a full snapshot; those between are
+#: deltas on it (only the embedding rows that changed).  1: full snapshots only.
+DELTAS = model_store.WeightDeltas(int(os.environ.get("STREAMREC_WEIGHTS_FULL_EVERY", "10")))
 examples_topic = app.topic(TRAINING_EXAMPLES)
 # One thread: torch work must not block the event loop, and steps must stay in order.
 _executor = ThreadPoolExecutor(1, thread_name_prefix="trainer")
@@ -120,7 +124,8 @@ def _publish() -> dict:
     # The gate's go-live still waits while a rollback holds the model or its tier
     # needs an operator's approval: the record comes back registered, with the reason.
     record = model_store.publish_candidate(settings.bootstrap, MODEL, version,
-                                           model_store.serving_bytes(trainer), record)
+                                           model_store.serving_bytes(trainer), record,
+                                           deltas=DELTAS)
     state["parent"] = version
     if record["state"] == "live":
         state["made_live"] = version
