@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Iterable, Optional, Sequence
 
+import numpy as np
 import torch
 
 from models.sources import SOURCES
@@ -236,49 +237,8 @@ def rate(hits: float, trials: float, prior: float = 0.1, strength: float = 10.0)
     return (hits + prior * strength) / (trials + strength)
 
 
-def item_side_features(counts: dict, age_s: float) -> list[float]:
-    pos, imp = counts.get("pos", 0), counts.get("imp", 0)
-    see_less, report = counts.get("see_less", 0), counts.get("report", 0)
-    # Engagements can arrive without a logged impression; never let a rate exceed 1.
-    trials = max(imp, pos + see_less + report)
-    return [math.log1p(pos), math.log1p(imp), math.log1p(see_less), math.log1p(report),
-            rate(pos, trials, 0.3), rate(see_less, trials, 0.05), rate(report, trials, 0.01),
-            math.log1p(max(age_s, 0.0) / 3600.0)]
-
-
 #: Prior click, deeper-positive and negative rates per impression of a user nobody knows.
 USER_PRIOR = (0.15, 0.1, 0.02)
-
-
-def engagement_rates(user_author, user_totals) -> list[float]:
-    """The user's own engagement rates on this author and overall, smoothed.
-
-    Overall rates shrink towards :data:`USER_PRIOR`; the author's rates shrink
-    towards the user's overall ones, so an author the user was shown twice is
-    judged mostly by the user's habits and an author shown twenty times by
-    what the user did with it.
-
-    >>> [round(x, 3) for x in engagement_rates([10, 5, 2, 0], [100, 15, 8, 2])]
-    [2.398, 0.419, 0.173, 0.005, 1.028, 4.615, 0.15, 0.082, 0.02]
-    """
-    a_imp, a_click, a_pos, a_neg = (list(user_author) + [0, 0, 0, 0])[:4]
-    u_imp, u_click, u_pos, u_neg = (list(user_totals) + [0, 0, 0, 0])[:4]
-    u_rates = [rate(x, u_imp, p, 10.0) for x, p in zip((u_click, u_pos, u_neg), USER_PRIOR)]
-    a_rates = [rate(x, max(a_imp, x), p, 3.0) for x, p in zip((a_click, a_pos, a_neg), u_rates)]
-    return ([math.log1p(a_imp)] + a_rates + [math.log(a_rates[0] / u_rates[0])]
-            + [math.log1p(u_imp)] + u_rates)
-
-
-def interaction_features(ex: Example) -> list[float]:
-    """What neither tower can compute alone: the user's affinity for this author,
-    how retrieval scored the item; the tower dot is filled in later (0 here)."""
-    author_count = ex.user_authors.get(ex.author_id, 0) if ex.author_id is not None else 0
-    total = sum(ex.user_authors.values())
-    return ([math.log1p(author_count), float(author_count > 0),
-             author_count / total if total else 0.0, math.log1p(total),
-             math.log1p(len(ex.user_recent))]
-            + engagement_rates(ex.user_author, ex.user_totals)
-            + [float(ex.source_scores.get(s, 0.0)) for s in SOURCE_NAMES] + [0.0])
 
 
 @dataclass
@@ -296,15 +256,127 @@ class ItemRow:
     user_author: list = field(default_factory=list)
 
 
-def collate_for_user(user: Example, items: Sequence[ItemRow], config,
+#: The item counters the item-side features read, in :class:`ItemColumns` order.
+COUNT_KEYS = ("pos", "imp", "see_less", "report")
+
+
+def _padded4(counts) -> list:
+    return (list(counts) + [0, 0, 0, 0])[:4]
+
+
+def source_row(scores: dict) -> list[float]:
+    """Retrieval sources' scores in :data:`SOURCE_NAMES` order (0 where a source did not propose)."""
+    return [float(scores.get(s, 0.0)) for s in SOURCE_NAMES]
+
+
+@dataclass
+class ItemColumns:
+    """Many rows' item-side fields as columns (what :class:`ItemRow` holds per row).
+
+    ``counts`` is [n, 4] in :data:`COUNT_KEYS` order, ``sources`` [n, len(SOURCE_NAMES)],
+    ``user_author`` [n, 4] (the user's counts on each row's author).
+    """
+    item_ids: list
+    author_ids: list
+    counts: np.ndarray
+    ages: np.ndarray
+    sources: np.ndarray
+    user_author: np.ndarray
+
+    @classmethod
+    def of(cls, rows) -> "ItemColumns":
+        """From :class:`ItemRow` or :class:`Example` rows (both name the fields alike)."""
+        return cls([r.item_id for r in rows], [r.author_id for r in rows],
+                   _array([[r.item_counts.get(k, 0) for k in COUNT_KEYS] for r in rows], 4),
+                   np.array([r.item_age_s for r in rows], dtype=np.float64),
+                   _array([source_row(r.source_scores) for r in rows], len(SOURCE_NAMES)),
+                   _array([_padded4(r.user_author) for r in rows], 4))
+
+
+def _array(rows: list, width: int) -> np.ndarray:
+    return np.array(rows, dtype=np.float64).reshape(-1, width)
+
+
+def _rates(hits, trials, prior, strength):
+    """:func:`rate` over arrays."""
+    return (hits + prior * strength) / (trials + strength)
+
+
+def item_side_matrix(counts: np.ndarray, ages: np.ndarray) -> np.ndarray:
+    """The item-side features (:data:`ITEM_SIDE`) of many items: ``counts`` [n, 4] in
+    :data:`COUNT_KEYS` order and ``ages`` [n] in seconds -> [n, 8].
+
+    Counts as logs, and engagement rates smoothed towards typical ones so a
+    little-seen item is not judged by two impressions.
+
+    >>> [round(float(x), 3) for x in item_side_matrix(np.array([[3, 9, 1, 0]]), np.array([7200.0]))[0]]
+    [1.386, 2.303, 0.693, 0.0, 0.316, 0.079, 0.005, 1.099]
+    """
+    pos, imp, see_less, report = counts.T
+    # Engagements can arrive without a logged impression; never let a rate exceed 1.
+    trials = np.maximum(imp, pos + see_less + report)
+    return np.stack([np.log1p(pos), np.log1p(imp), np.log1p(see_less), np.log1p(report),
+                     _rates(pos, trials, 0.3, 10.0), _rates(see_less, trials, 0.05, 10.0),
+                     _rates(report, trials, 0.01, 10.0),
+                     np.log1p(np.maximum(ages, 0.0) / 3600.0)], axis=1)
+
+
+def engagement_rate_matrix(user_author: np.ndarray, user_totals: np.ndarray) -> np.ndarray:
+    """The user's own engagement rates on each row's author and overall, smoothed:
+    ``user_author`` [n, 4] and ``user_totals`` [4] or [n, 4] -> [n, 9].
+
+    Overall rates shrink towards :data:`USER_PRIOR`; the author's rates shrink
+    towards the user's overall ones, so an author the user was shown twice is
+    judged mostly by the user's habits and an author shown twenty times by
+    what the user did with it.
+
+    >>> m = engagement_rate_matrix(np.array([[10, 5, 2, 0]]), np.array([100, 15, 8, 2]))
+    >>> [round(float(x), 3) for x in m[0]]
+    [2.398, 0.419, 0.173, 0.005, 1.028, 4.615, 0.15, 0.082, 0.02]
+    """
+    n = len(user_author)
+    totals = np.broadcast_to(np.asarray(user_totals, dtype=np.float64), (n, 4))
+    u_imp = totals[:, 0]
+    u_rates = [_rates(totals[:, j], u_imp, p, 10.0) for j, p in zip((1, 2, 3), USER_PRIOR)]
+    a_imp = user_author[:, 0]
+    a_rates = [_rates(user_author[:, j], np.maximum(a_imp, user_author[:, j]), u, 3.0)
+               for j, u in zip((1, 2, 3), u_rates)]
+    return np.stack([np.log1p(a_imp)] + a_rates + [np.log(a_rates[0] / u_rates[0]),
+                                                   np.log1p(u_imp)] + u_rates, axis=1)
+
+
+def interaction_matrix(author_counts: np.ndarray, positives: np.ndarray, recent: np.ndarray,
+                       user_author: np.ndarray, user_totals: np.ndarray,
+                       sources: np.ndarray) -> np.ndarray:
+    """What neither tower can compute alone (:data:`INTERACTION`): the user's affinity
+    for each row's author, how retrieval scored the item; the tower dot is filled in
+    later (0 here).  ``author_counts`` [n] are the user's recent positives on the row's
+    author, ``positives`` [n] all of them, ``recent`` [n] how many recent items the
+    user has; the rest as :func:`engagement_rate_matrix` and :class:`ItemColumns`.
+
+    >>> m = interaction_matrix(np.array([2.0, 0.0]), np.array([4.0, 4.0]), np.array([3.0, 3.0]),
+    ...                        np.zeros((2, 4)), np.zeros(4), np.zeros((2, len(SOURCE_NAMES))))
+    >>> m.shape == (2, len(INTERACTION)), [round(float(x), 3) for x in m[:, 2]]
+    (True, [0.5, 0.0])
+    """
+    n = len(author_counts)
+    share = np.divide(author_counts, positives, out=np.zeros(n), where=positives > 0)
+    return np.concatenate([
+        np.stack([np.log1p(author_counts), (author_counts > 0).astype(np.float64), share,
+                  np.log1p(positives), np.log1p(recent)], axis=1),
+        engagement_rate_matrix(user_author, user_totals), sources, np.zeros((n, 1))], axis=1)
+
+
+def collate_for_user(user: Example, items, config,
                      positions: Optional[Sequence[Optional[int]]] = None) -> Batch:
     """The :class:`Batch` of ``user`` shown each of ``items``, without an Example per row.
 
     Serving scores hundreds of candidates for one user: the user's fields are
-    hashed and turned into features once, each author's rates once, and only
-    what the item brings is built per row.  The result equals
-    ``collate([user with each row's item fields], config)``; ``positions`` (one
-    per row) replaces ``user.position`` where given.  No labels: rows are masked.
+    hashed and turned into features once, and the item-side features are
+    computed a column at a time (``items`` is an :class:`ItemColumns`, or a list
+    of :class:`ItemRow`).  The result equals ``collate([user with each row's
+    item fields], config)``; ``positions`` (one per row) replaces
+    ``user.position`` where given.  No labels: rows are masked.
 
     >>> cfg = FeatureConfig(hash_size=1024)
     >>> user = Example("u1", "", None, "explore", ts=5.0, user_recent=["i0"],
@@ -317,41 +389,34 @@ def collate_for_user(user: Example, items: Sequence[ItemRow], config,
     ...                         item_counts=r.item_counts, item_age_s=r.item_age_s,
     ...                         user_author=r.user_author, user_totals=[10, 3, 1, 0])
     ...                 for r, p in zip(rows, [0, 1])], cfg)
-    >>> all(torch.equal(getattr(fast, f), getattr(slow, f)) for f in TENSOR_FIELDS)
+    >>> all(torch.allclose(getattr(fast, f), getattr(slow, f)) for f in TENSOR_FIELDS)
     True
     """
-    if not items:
+    cols = items if isinstance(items, ItemColumns) else ItemColumns.of(items)
+    n, hs = len(cols.item_ids), config.hash_size
+    if not n:
         raise ValueError("cannot collate an empty list of items")
-    n, hs = len(items), config.hash_size
     recent = [hash_id(i, hs, "item") for i in user.user_recent[-MAX_RECENT:]]
-    authors, total = user.user_authors, sum(user.user_authors.values())
-    user_part = [math.log1p(total), math.log1p(len(user.user_recent))]
-    rates: dict = {}
-
-    def interaction(row: ItemRow) -> list[float]:
-        count = authors.get(row.author_id, 0) if row.author_id is not None else 0
-        key = tuple(row.user_author)
-        if key not in rates:
-            rates[key] = engagement_rates(row.user_author, user.user_totals)
-        return ([math.log1p(count), float(count > 0), count / total if total else 0.0]
-                + user_part + rates[key]
-                + [float(row.source_scores.get(s, 0.0)) for s in SOURCE_NAMES] + [0.0])
-
+    authors = user.user_authors
+    interaction = interaction_matrix(
+        np.array([authors.get(a, 0) if a is not None else 0 for a in cols.author_ids],
+                 dtype=np.float64),
+        np.full(n, float(sum(authors.values()))), np.full(n, float(len(user.user_recent))),
+        cols.user_author, np.array(_padded4(user.user_totals), dtype=np.float64), cols.sources)
     if positions is None:
         positions = [user.position] * n
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Batch(
         user_ids=torch.full((n,), hash_id(user.user_id, hs, "user"), dtype=torch.long),
-        item_ids=long([hash_id(r.item_id, hs, "item") for r in items]),
-        author_ids=long([hash_id(r.author_id or "", config.author_size, "author") for r in items]),
+        item_ids=long([hash_id(i, hs, "item") for i in cols.item_ids]),
+        author_ids=long([hash_id(a or "", config.author_size, "author") for a in cols.author_ids]),
         surface_ids=torch.full((n,), hash_id(user.surface, config.surface_size, "surface"),
                                dtype=torch.long),
         recent_ids=long(recent).repeat(n), recent_offsets=torch.arange(n) * len(recent),
-        item_side=torch.tensor([item_side_features(r.item_counts, r.item_age_s) for r in items],
-                               dtype=torch.float32),
+        item_side=torch.from_numpy(item_side_matrix(cols.counts, cols.ages).astype(np.float32)),
         position=torch.tensor([[math.log1p(p or 0), float(p is not None)] for p in positions],
                               dtype=torch.float32),
-        interaction=torch.tensor([interaction(r) for r in items], dtype=torch.float32),
+        interaction=torch.from_numpy(interaction.astype(np.float32)),
         labels=torch.zeros((n, len(HEADS))), label_mask=torch.zeros((n, len(HEADS))),
         request_ids=[user.request_id] * n, surfaces=[user.surface] * n)
 
@@ -370,6 +435,7 @@ def collate(examples: Sequence[Example], config) -> Batch:
         recent.extend(hash_id(i, hs, "item") for i in ex.user_recent[-MAX_RECENT:])
         labels.append([float(ex.labels.get(h, 0)) for h in HEADS])
         mask.append([float(h in ex.labels) for h in HEADS])
+    cols = ItemColumns.of(examples)
     long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
     return Batch(
         user_ids=long([hash_id(e.user_id, hs, "user") for e in examples]),
@@ -378,12 +444,16 @@ def collate(examples: Sequence[Example], config) -> Batch:
                          for e in examples]),
         surface_ids=long([hash_id(e.surface, config.surface_size, "surface") for e in examples]),
         recent_ids=long(recent), recent_offsets=long(offsets),
-        item_side=torch.tensor([item_side_features(e.item_counts, e.item_age_s)
-                                for e in examples], dtype=torch.float32),
+        item_side=torch.from_numpy(item_side_matrix(cols.counts, cols.ages).astype(np.float32)),
         position=torch.tensor([[math.log1p(e.position or 0), float(e.position is not None)]
                                for e in examples], dtype=torch.float32),
-        interaction=torch.tensor([interaction_features(e) for e in examples],
-                                 dtype=torch.float32),
+        interaction=torch.from_numpy(interaction_matrix(
+            np.array([e.user_authors.get(e.author_id, 0) if e.author_id is not None else 0
+                      for e in examples], dtype=np.float64),
+            np.array([sum(e.user_authors.values()) for e in examples], dtype=np.float64),
+            np.array([len(e.user_recent) for e in examples], dtype=np.float64),
+            cols.user_author, _array([_padded4(e.user_totals) for e in examples], 4),
+            cols.sources).astype(np.float32)),
         labels=torch.tensor(labels, dtype=torch.float32),
         label_mask=torch.tensor(mask, dtype=torch.float32),
         request_ids=[e.request_id for e in examples], surfaces=[e.surface for e in examples])

@@ -179,7 +179,7 @@ DEFAULT_CONFIG = FunnelConfig()
 SOURCE_COUNT_PREFIX = "source:"
 
 
-@dataclass
+@dataclass(slots=True)
 class Candidate:
     item_id: str
     score: float
@@ -199,11 +199,9 @@ def blend(results: dict[str, list], weights: dict[str, float]) -> list[Candidate
     ...        {"a": 1.0, "b": 1.0})]
     [('y', 1.5, ['a', 'b']), ('x', 1.0, ['a'])]
     """
-    # Plain dicts in the loop: this runs over every retrieved hit of every request.
-    score: dict[str, float] = {}
-    sources: dict[str, dict] = {}
-    why: dict[str, dict] = {}
-    authors: dict[str, Optional[str]] = {}
+    # One Candidate per item, updated in place: this runs over every retrieved hit
+    # of every request, so the loop body stays small.
+    merged: dict[str, Candidate] = {}
     for name, scored in results.items():
         if not scored:
             continue
@@ -213,18 +211,16 @@ def blend(results: dict[str, list], weights: dict[str, float]) -> list[Candidate
         for hit in scored:
             item = hit[0]
             norm = hit[1] * scale
-            if item in score:
-                score[item] += weight * norm
-                sources[item][name] = norm
+            c = merged.get(item)
+            if c is None:
+                c = merged[item] = Candidate(item, weight * norm, hit[2], {name: norm}, {})
             else:
-                score[item] = weight * norm
-                sources[item] = {name: norm}
-                why[item] = {}
+                c.score += weight * norm
+                c.sources[name] = norm
+                if c.author_id is None:
+                    c.author_id = hit[2]
             if len(hit) > 3 and hit[3]:
-                why[item][name] = hit[3]
-            if authors.get(item) is None:
-                authors[item] = hit[2]
-    merged = {i: Candidate(i, s, authors[i], sources[i], why[i]) for i, s in score.items()}
+                c.why[name] = hit[3]
     return sorted(merged.values(), key=lambda c: (-c.score, c.item_id))
 
 

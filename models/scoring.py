@@ -16,7 +16,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from models.features import Batch, Example, ItemRow, collate_for_user
+from models.features import (COUNT_KEYS, SOURCE_NAMES, Batch, Example, ItemColumns,
+                             collate_for_user, source_row)
 from models.value import value_scores
 
 FIRST_STAGE_K = 300
@@ -45,13 +46,29 @@ class ModelScorer:
         totals = ctx.history.totals()
         user = self._example(ctx, "", None, request_id, ctx.history.recent_positive_items(20),
                              ctx.history.author_counts(), None, totals)
-        rows = []
+        return collate_for_user(user, self.columns(ctx, candidates), self.trainer.features,
+                                positions)
+
+    @staticmethod
+    def columns(ctx, candidates) -> ItemColumns:
+        """The candidates' item-side fields as columns, one view lookup per item and one
+        history lookup per author."""
+        quality, first_seen, now = ctx.view.quality, ctx.view.first_seen, ctx.now
+        counts, ages, per_author = [], [], {}
         for c in candidates:
-            first = ctx.view.first_seen(c.item_id)
-            rows.append(ItemRow(c.item_id, c.author_id, dict(ctx.view.quality(c.item_id) or {}),
-                                max(0.0, ctx.now - first) if first else 0.0, dict(c.sources),
-                                ctx.history.author_stats(c.author_id)))
-        return collate_for_user(user, rows, self.trainer.features, positions)
+            q = quality(c.item_id)
+            counts.append([q.get(k, 0) for k in COUNT_KEYS] if q else [0, 0, 0, 0])
+            first = first_seen(c.item_id)
+            ages.append(max(0.0, now - first) if first else 0.0)
+            if c.author_id not in per_author:
+                per_author[c.author_id] = ctx.history.author_stats(c.author_id)
+        return ItemColumns([c.item_id for c in candidates], [c.author_id for c in candidates],
+                           np.array(counts, dtype=np.float64).reshape(-1, 4),
+                           np.array(ages, dtype=np.float64),
+                           np.array([source_row(c.sources) for c in candidates],
+                                    dtype=np.float64).reshape(-1, len(SOURCE_NAMES)),
+                           np.array([per_author[c.author_id] for c in candidates],
+                                    dtype=np.float64).reshape(-1, 4))
 
     def _example(self, ctx, item, author, request_id, recent=(), authors=None,
                  source_scores=None, totals=None, position: int = 0) -> Example:
