@@ -152,7 +152,9 @@ class WeightDeltas:
         ``published``: the versions whose weights are in the topic now."""
         state = _load(blob)
         tensors = _tensors(state)
+        # The base must still be published, as this publisher wrote it.
         if (self.base is not None and self.base[0] in published
+                and published[self.base[0]].get("state_sha256", self.base[2]) == self.base[2]
                 and self.deltas_since_full + 1 < self.full_every):
             base_version, base_tensors, base_sha = self.base
             d = weight_delta.diff(base_tensors, tensors, base_sha256=base_sha)

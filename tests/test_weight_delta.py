@@ -164,6 +164,19 @@ def test_full_snapshots_first_every_nth_and_when_the_base_is_gone(trainer):
             for v in ("v1", "v2")] == ["full", "full"]
 
 
+def test_a_base_published_with_other_weights_is_not_used(trainer):
+    deltas = model_store.WeightDeltas()
+    _, first = deltas.encode("v1", model_store.serving_bytes(trainer), {})
+    trainer.fit(batch(random.Random(6)))
+    blob = model_store.serving_bytes(trainer)
+    # Someone else's v1 is in the topic now: a delta on ours would not rebuild there.
+    _, fields = deltas.encode("v2", blob, {"v1": {"state_sha256": "0" * 64}})
+    assert fields["kind"] == "full"
+    _, fields = deltas.encode("v3", blob, {"v2": fields})
+    assert fields == {"kind": "delta", "base": "v2", "state_sha256": fields["state_sha256"]}
+    assert first["kind"] == "full"
+
+
 def test_a_delta_no_smaller_than_the_snapshot_goes_out_full(trainer):
     deltas = model_store.WeightDeltas()
     deltas.encode("v1", model_store.serving_bytes(trainer), {})

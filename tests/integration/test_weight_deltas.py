@@ -21,6 +21,7 @@ import random
 import time
 
 import numpy as np
+import orjson
 import pytest
 
 from streams.client import RecommendationClient
@@ -159,4 +160,54 @@ def test_a_worker_started_late_serves_the_live_delta_version(published, worker, 
             assert reply.model_versions.get("ranker") == f"{MODEL}:v2"
             assert reply.stage_counts.get("second_stage", 0) > 0 and not reply.fallback
     finally:
+        worker.start()
+
+
+def test_the_online_trainer_publishes_deltas_that_workers_load(kafka, worker, tmp_path):
+    """The trainer agent itself (a full snapshot every 3rd version here): versions after
+    its first are deltas, and the worker loads them."""
+    from confluent_kafka import Producer
+
+    from schemas.topics import TRAINING_EXAMPLES
+    from stores import model_store
+    from streams.local import WorkerProcess
+    owner = "deltas-trainer"
+    worker.stop()  # one consumer of training.examples: this test's trainer
+    trainer = WorkerProcess(kafka, tmp_path / "delta-trainer", web_port=WEB_PORT + 5,
+                            env={"STREAMREC_PUBLISH_INTERVAL_S": "1",
+                                 "STREAMREC_WEIGHTS_FULL_EVERY": "3",
+                                 "STREAMREC_MODEL_OWNER": owner})
+    producer = Producer({"bootstrap.servers": kafka, "linger.ms": 5})
+    rng = random.Random(11)
+    try:
+        trainer.start()
+        deadline = time.time() + 90
+        while True:
+            for _ in range(10):
+                producer.produce(TRAINING_EXAMPLES, key=b"examples", value=orjson.dumps(
+                    [e.to_dict() for e in examples(rng, 100)]))
+            assert not producer.flush(10)
+            ours = sorted(r["version"] for r in model_store.read_registry(kafka).values()
+                          if r.get("owner") == owner)
+            manifests = model_store.published_manifests(kafka, "ranker")
+            kinds = {v: manifests[v].get("kind") for v in ours if v in manifests}
+            if list(kinds.values()).count("delta") >= 2:
+                break
+            assert time.time() < deadline, kinds
+            time.sleep(0.5)
+        if ours[0] in kinds:  # still kept: a trainer's first version after it starts
+            assert kinds[ours[0]] == "full", kinds
+        deltas = [v for v, kind in kinds.items() if kind == "delta"]
+        assert all(manifests[v]["base"] in kinds and kinds[manifests[v]["base"]] == "full"
+                   for v in deltas)
+        deadline = time.time() + 30
+        while not {f"ranker:{v}" for v in deltas} <= set(
+                trainer.stats()["shared_view"]["model_versions_loaded"]):
+            assert time.time() < deadline, trainer.stats()["shared_view"]
+            time.sleep(0.3)
+    finally:
+        trainer.stop()
+        for r in model_store.read_registry(kafka).values():
+            if r["model"] == "ranker" and r["state"] == "live":
+                model_store.set_state(kafka, r, "retired", reason="test cleanup")
         worker.start()
