@@ -216,11 +216,42 @@ class Batch:
     def size(self) -> int:
         return int(self.user_ids.shape[0])
 
+    def take(self, rows: Sequence[int]) -> "Batch":
+        """The batch of only ``rows`` (in that order), e.g. the served items of a
+        request whose candidates were all scored.
+
+        >>> b = collate([Example("u", f"i{n}", None, "explore", 0.0) for n in range(3)],
+        ...             FeatureConfig(hash_size=64))
+        >>> torch.equal(b.take([2, 0]).item_ids, b.item_ids[[2, 0]])
+        True
+        """
+        index = torch.tensor(list(rows), dtype=torch.long)
+        starts = self.recent_offsets.tolist() + [len(self.recent_ids)]
+        recent = [self.recent_ids[starts[r]:starts[r + 1]] for r in index.tolist()]
+        lengths = torch.tensor([len(x) for x in recent], dtype=torch.long)
+        offsets = torch.cumsum(lengths, 0) - lengths
+        tensors = {name: getattr(self, name)[index] for name in TENSOR_FIELDS
+                   if name not in ("recent_ids", "recent_offsets")}
+        return Batch(**tensors, recent_ids=torch.cat(recent) if recent else self.recent_ids[:0],
+                     recent_offsets=offsets,
+                     request_ids=[self.request_ids[r] for r in index.tolist()],
+                     surfaces=[self.surfaces[r] for r in index.tolist()])
+
+    def at_positions(self, positions: Sequence[Optional[int]]) -> "Batch":
+        """A copy with every row shown at ``positions`` (one per row)."""
+        return Batch(**{**self.__dict__, "position": position_tensor(positions)})
+
     def with_tower_dot(self, dots: torch.Tensor) -> "Batch":
         """A copy whose interaction features hold the two-tower dot products."""
         interaction = self.interaction.clone()
         interaction[:, TOWER_DOT] = dots.detach().to(interaction.dtype)
         return Batch(**{**self.__dict__, "interaction": interaction})
+
+
+def position_tensor(positions: Sequence[Optional[int]]) -> torch.Tensor:
+    """The :data:`POSITION` features of rows shown at ``positions`` (None: not known)."""
+    return torch.tensor([[math.log1p(p or 0), float(p is not None)] for p in positions],
+                        dtype=torch.float32)
 
 
 #: The :class:`Batch` fields that hold tensors.
@@ -414,8 +445,7 @@ def collate_for_user(user: Example, items, config,
                                dtype=torch.long),
         recent_ids=long(recent).repeat(n), recent_offsets=torch.arange(n) * len(recent),
         item_side=torch.from_numpy(item_side_matrix(cols.counts, cols.ages).astype(np.float32)),
-        position=torch.tensor([[math.log1p(p or 0), float(p is not None)] for p in positions],
-                              dtype=torch.float32),
+        position=position_tensor(positions),
         interaction=torch.from_numpy(interaction.astype(np.float32)),
         labels=torch.zeros((n, len(HEADS))), label_mask=torch.zeros((n, len(HEADS))),
         request_ids=[user.request_id] * n, surfaces=[user.surface] * n)
@@ -445,8 +475,7 @@ def collate(examples: Sequence[Example], config) -> Batch:
         surface_ids=long([hash_id(e.surface, config.surface_size, "surface") for e in examples]),
         recent_ids=long(recent), recent_offsets=long(offsets),
         item_side=torch.from_numpy(item_side_matrix(cols.counts, cols.ages).astype(np.float32)),
-        position=torch.tensor([[math.log1p(e.position or 0), float(e.position is not None)]
-                               for e in examples], dtype=torch.float32),
+        position=position_tensor([e.position for e in examples]),
         interaction=torch.from_numpy(interaction_matrix(
             np.array([e.user_authors.get(e.author_id, 0) if e.author_id is not None else 0
                       for e in examples], dtype=np.float64),

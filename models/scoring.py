@@ -37,6 +37,8 @@ class ModelScorer:
         self.first_stage_k = first_stage_k
         self.second_stage_k = second_stage_k
         self._item_vectors: dict[str, np.ndarray] = {}
+        #: (request id, item id -> row, batch) of the last second stage.
+        self._scored: tuple = (None, {}, None)
         #: (user, what the user tower reads of the history) -> user vector, bounded.
         self._user_vectors: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
 
@@ -115,7 +117,10 @@ class ModelScorer:
         second = first[:self.second_stage_k]
         # Second stage: full features (what the label join records) for the survivors only.
         scored = [candidates[i] for i in second]
-        probs = self.trainer.predict_batch(self.batch(ctx, request_id, scored))
+        batch = self.batch(ctx, request_id, scored)
+        # Kept for served_predictions: the served items' rows are already built.
+        self._scored = (request_id, {c.item_id: row for row, c in enumerate(scored)}, batch)
+        probs = self.trainer.predict_batch(batch)
         values = value_scores(probs, weights)
         order = np.argsort(-values, kind="stable")
         ranked = []
@@ -154,7 +159,12 @@ class ModelScorer:
         was shown at: what its labels will measure."""
         if not served:
             return []
-        probs = self.trainer.predict_batch(
-            self.batch(ctx, request_id, served, positions=range(len(served))))
+        scored_for, rows, batch = self._scored
+        if scored_for == request_id and all(c.item_id in rows for c in served):
+            batch = batch.take([rows[c.item_id] for c in served])
+            batch = batch.at_positions(range(len(served)))
+        else:
+            batch = self.batch(ctx, request_id, served, positions=range(len(served)))
+        probs = self.trainer.predict_batch(batch)
         return [[c.item_id, "served", [round(float(p), 5) for p in row]]
                 for c, row in zip(served, probs)]

@@ -92,6 +92,9 @@ class SharedItemView:
         self.tower_refreshed = 0
         #: surface -> (n, computed at, merged list); see trending().
         self._trending_cache: dict[str, tuple] = {}
+        #: author -> changes applied to its snapshots; author -> (that count, merged items).
+        self._author_versions: dict[str, int] = {}
+        self._author_cache: dict[str, tuple] = {}
         self.trending_ttl_s = trending_ttl_s
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -133,11 +136,17 @@ class SharedItemView:
         return p.get("first") if p else None
 
     def author_items(self, author: str):
+        # Every request asks for a few authors' items, and an author's snapshots change
+        # only every few seconds: merge once per change (callers must not mutate it).
         with self._lock:
+            version = self._author_versions.get(author, 0)
+            cached = self._author_cache.get(author)
+            if cached is not None and cached[0] == version:
+                return cached[1]
             snaps = list(self._authors.get(author, {}).values())
-        if not snaps:
-            return []
-        return merge_snapshots(snaps, 50, max(s["ts"] for s in snaps))
+        merged = merge_snapshots(snaps, 50, max(s["ts"] for s in snaps)) if snaps else []
+        self._author_cache[author] = (version, merged)
+        return merged
 
     def pregen(self, name: str, key: str):
         batch = self.pregen_batch
@@ -208,6 +217,8 @@ class SharedItemView:
             group = k.rsplit("/", 1)[0]  # "surface/partition", "surface@region/partition"
             target = self._trending if topic == TRENDING_SNAPSHOTS else self._authors
             with self._lock:
+                if topic == AUTHOR_ITEMS:
+                    self._author_versions[group] = self._author_versions.get(group, 0) + 1
                 by_part = target.setdefault(group, {})
                 if value is None:
                     by_part.pop(k, None)

@@ -120,3 +120,34 @@ def test_scorer_batch_equals_the_examples_the_label_join_records():
         for name in TENSOR_FIELDS:
             assert torch.equal(getattr(fast, name), getattr(slow, name)), name
         assert fast.request_ids == slow.request_ids and fast.surfaces == slow.surfaces
+
+
+def test_served_predictions_reuse_the_second_stage_rows_exactly():
+    """The served items' rows are taken from the second stage's batch and moved to their
+    shown positions: the same probabilities as collating them afresh."""
+    from models.funnel import Candidate
+    from models.sources import RetrievalContext
+    from models.value import weights_for
+
+    scorer = ModelScorer(tiny_trainer(), "ranker", "v1")
+    h = UserHistory()
+    for i, kind in enumerate(["impression", "click", "like", "impression", "save"]):
+        h.apply(f"t{i}", kind, NOW - 100 + i, f"a{i % 3}")
+    ctx = RetrievalContext("explore", h, StaticItemView(quality={"t3": {"pos": 2, "imp": 5}}),
+                           NOW, user_id="u1")
+    candidates = [Candidate(f"t{i}", 1.0 / (i + 1), f"a{i % 4}", {"trending": 0.1 * i})
+                  for i in range(12)]
+    ranked, _, _ = scorer.rank(ctx, "r1", candidates, weights_for("explore"))
+    served = [ranked[3], ranked[0], ranked[7]]
+    fresh = scorer.trainer.predict_batch(scorer.batch(ctx, "r1", served, positions=range(3)))
+
+    def no_collating(*args, **kwargs):
+        raise AssertionError("served items of the ranked request were collated again")
+    scorer.batch = no_collating
+    reused = scorer.served_predictions(ctx, "r1", served)
+    del scorer.batch
+    assert [r[0] for r in reused] == [c.item_id for c in served]
+    assert [r[2] for r in reused] == [[round(float(p), 5) for p in row] for row in fresh]
+    # Another request's items are collated afresh, not looked up in r1's rows.
+    other = scorer.served_predictions(ctx, "r2", served)
+    assert [r[2] for r in other] == [r[2] for r in reused]

@@ -135,3 +135,22 @@ def test_a_surface_model_made_live_later_leaves_the_default_scorer(monkeypatch):
          "history": [[2.0, "live"]]}))
     assert (v.scorer.model, v.scorer.version) == ("ranker", "v1")
     assert v.launch.production == ("ranker", "v1")
+
+
+def test_author_items_are_merged_once_per_change():
+    from schemas.topics import AUTHOR_ITEMS
+    v = SharedItemView("unused:0")
+
+    def snapshot(part, items, ts):
+        v.apply(AUTHOR_ITEMS, f"a1/{part}".encode(),
+                orjson.dumps({"ts": ts, "half_life": 3600.0, "items": items}))
+    snapshot(0, [["x", 2.0, "a1"]], 100.0)
+    snapshot(1, [["y", 1.0, "a1"]], 100.0)
+    first = v.author_items("a1")
+    assert [i for i, _, _ in first] == ["x", "y"]
+    assert v.author_items("a1") is first, "unchanged snapshots are not merged again"
+    snapshot(1, [["y", 5.0, "a1"]], 100.0)
+    assert [i for i, _, _ in v.author_items("a1")] == ["y", "x"], "a new snapshot is seen"
+    v.apply(AUTHOR_ITEMS, b"a1/0", None)
+    v.apply(AUTHOR_ITEMS, b"a1/1", None)
+    assert v.author_items("a1") == [] and v.author_items("nobody") == []
