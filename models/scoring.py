@@ -36,7 +36,9 @@ class ModelScorer:
         self.version = version
         self.first_stage_k = first_stage_k
         self.second_stage_k = second_stage_k
-        self._item_vectors: dict[str, np.ndarray] = {}
+        #: item id -> row of _item_matrix holding its tower vector for this version.
+        self._item_rows: dict[str, int] = {}
+        self._item_matrix = np.zeros((0, 0), dtype=np.float32)
         #: (request id, item id -> row, batch) of the last second stage.
         self._scored: tuple = (None, {}, None)
         #: (user, what the user tower reads of the history) -> user vector, bounded.
@@ -98,12 +100,22 @@ class ModelScorer:
 
     def item_vectors(self, ctx, candidates) -> np.ndarray:
         """Item tower vectors, computed once per item for this version and cached."""
-        missing = [c for c in candidates if c.item_id not in self._item_vectors]
+        rows = self._item_rows
+        missing = list({c.item_id: c for c in candidates if c.item_id not in rows}.values())
         if missing:
             examples = [self._example(ctx, c.item_id, c.author_id, None) for c in missing]
-            for c, v in zip(missing, self.trainer.item_vectors(examples)):
-                self._item_vectors[c.item_id] = v
-        return np.stack([self._item_vectors[c.item_id] for c in candidates])
+            vectors = self.trainer.item_vectors(examples)
+            if len(rows) + len(vectors) > len(self._item_matrix):
+                grown = np.zeros((max(2 * len(self._item_matrix), len(rows) + len(vectors)),
+                                  vectors.shape[1]), dtype=vectors.dtype)
+                if rows:
+                    grown[:len(rows)] = self._item_matrix[:len(rows)]
+                self._item_matrix = grown
+            for c, v in zip(missing, vectors):
+                rows[c.item_id] = len(rows)
+                self._item_matrix[rows[c.item_id]] = v
+        # One gather from a matrix: stacking hundreds of small arrays costs more.
+        return self._item_matrix[[rows[c.item_id] for c in candidates]]
 
     def rank(self, ctx, request_id: str, candidates, weights: dict) -> tuple[list, list, dict]:
         """Order candidates by value; returns (ranked, [], stage counts).

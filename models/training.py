@@ -279,12 +279,17 @@ class Trainer:
         """Head probabilities [B, len(HEADS)] (columns in HEADS order)."""
         return self.predict_batch(self.batch(examples))
 
+    def _eval(self) -> None:
+        # Module.eval() walks every submodule; serving predicts several times a request.
+        if self.tower.training or self.ranker.training:
+            self.tower.eval()
+            self.ranker.eval()
+
     @torch.no_grad()
     def predict_batch(self, batch: Batch) -> np.ndarray:
         """:meth:`predict` of an already collated batch (e.g. from
         :func:`~models.features.collate_for_user`)."""
-        self.tower.eval()
-        self.ranker.eval()
+        self._eval()
         users, items = self.tower(batch)
         logits = self.ranker(batch.with_tower_dot((users * items).sum(dim=1)))
         return torch.sigmoid(self.calibration(logits)).numpy()
@@ -292,13 +297,13 @@ class Trainer:
     @torch.no_grad()
     def user_vectors(self, examples: Sequence[Example]) -> np.ndarray:
         """[B, dim] user vectors (only the user-side fields of the examples are read)."""
-        self.tower.eval()
+        self._eval()
         return self.tower.user_vectors(self.batch(examples)).numpy()
 
     @torch.no_grad()
     def item_vectors(self, examples: Sequence[Example]) -> np.ndarray:
         """[B, dim] item vectors (only the item-side fields are read), e.g. for the ANN index."""
-        self.tower.eval()
+        self._eval()
         return self.tower.item_vectors(self.batch(examples)).numpy()
 
     # -- checkpoints ------------------------------------------------------

@@ -36,10 +36,10 @@ def test_model_ranks_and_logs_predictions():
     assert [p[0] for p in predictions] == [i.item_id for i in reply.items]
     assert all(p[1] == "served" and len(p[2]) == 8 for p in predictions)
     # Item and user vectors were computed once and reused on the next request.
-    cached = dict(scorer._item_vectors)
+    cached = dict(scorer._item_rows)
     users = dict(scorer._user_vectors)
     recommend(req, UserHistory(), world(), clock=lambda: NOW, config=cfg, scorer=scorer)
-    assert scorer._item_vectors.keys() == cached.keys() and scorer._user_vectors.keys() == users.keys()
+    assert scorer._item_rows == cached and scorer._user_vectors.keys() == users.keys()
     # A new positive changes what the user tower reads: a new user vector.
     h = UserHistory()
     h.apply("t3", "like", NOW - 10)
@@ -151,3 +151,23 @@ def test_served_predictions_reuse_the_second_stage_rows_exactly():
     # Another request's items are collated afresh, not looked up in r1's rows.
     other = scorer.served_predictions(ctx, "r2", served)
     assert [r[2] for r in other] == [r[2] for r in reused]
+
+
+def test_cached_item_vectors_are_the_towers_own():
+    """Vectors gathered from the scorer's cache (grown over several requests, with repeats)
+    equal the item tower's output for the same items."""
+    import numpy as np
+
+    from models.funnel import Candidate
+    from models.sources import RetrievalContext
+
+    scorer = ModelScorer(tiny_trainer(), "ranker", "v1")
+    ctx = RetrievalContext("explore", UserHistory(), StaticItemView(), NOW, user_id="u1")
+    batches = [[Candidate(f"t{i}", 1.0, f"a{i % 3}", {}) for i in ids]
+               for ids in (range(3), range(2, 9), [8, 0, 8, 5], range(20))]
+    for cands in batches:
+        got = scorer.item_vectors(ctx, cands)
+        want = scorer.trainer.item_vectors([scorer._example(ctx, c.item_id, c.author_id, None)
+                                            for c in cands])
+        assert np.allclose(got, want, atol=1e-6)
+    assert len(scorer._item_rows) == 20
