@@ -119,7 +119,7 @@ def seed_late() -> None:
 
 @app.agent(item_deltas_topic)
 async def item_stats_agent(stream):
-    async for batch in stream.take_events(500, within=0.05):
+    async for batch in stream.take_events(settings.item_batch, within=0.05):
         # Sourced bundles are applied at most once (their marks), so retrying a failed
         # batch's bundles one by one is safe; only those that fail alone are parked.
         await guarded("item_stats", apply_batch, batch, Policy.ONE_BY_ONE)
